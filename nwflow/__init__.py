@@ -1,0 +1,32 @@
+"""nwflow: the exact flow-matching velocity of a finite data set.
+
+Under the Gaussian OT path the marginal velocity of an empirical distribution is a
+Nadaraya-Watson kernel smoother, computed exactly by one Gaussian-kernel attention head.
+The book (``book/``) derives every formula here; the docstrings point at its chapters.
+"""
+
+from nwflow.empirical import (
+    EmpiricalField,
+    effective_neighbours,
+    posterior_mean,
+    posterior_weights,
+    score,
+    velocity,
+)
+from nwflow.path import bandwidth, conditional_target, conditional_velocity, sample_xt, sigma
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EmpiricalField",
+    "bandwidth",
+    "conditional_target",
+    "conditional_velocity",
+    "effective_neighbours",
+    "posterior_mean",
+    "posterior_weights",
+    "sample_xt",
+    "score",
+    "sigma",
+    "velocity",
+]
