@@ -7,7 +7,7 @@ from nwflow.models import TimeEmbedding, VelocityMLP
 
 
 def test_time_embedding_matches_formula():
-    emb = TimeEmbedding(dim=8, max_freq=1000.0).double()
+    emb = TimeEmbedding(dim=8, max_freq=1000.0)
     t = torch.tensor([0.0, 0.25, 1.0], dtype=torch.float64)
     freqs = [10.0 ** (3.0 * k / 3) for k in range(4)]  # logspace(0, 3, 4)
     expected = torch.tensor(

@@ -26,7 +26,8 @@ class TimeEmbedding(nn.Module):
         super().__init__()
         if not isinstance(dim, int) or dim < 2 or dim % 2:
             raise ValueError(f"dim must be an even int >= 2, got {dim!r}")
-        freqs = torch.logspace(0.0, math.log10(max_freq), dim // 2)
+        # float64 so that 2 pi f t is accurate for the highest frequencies.
+        freqs = torch.logspace(0.0, math.log10(max_freq), dim // 2, dtype=torch.float64)
         self.register_buffer("freqs", 2.0 * math.pi * freqs)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
