@@ -5,6 +5,7 @@ Nadaraya-Watson kernel smoother, computed exactly by one Gaussian-kernel attenti
 The book (``book/``) derives every formula here; the docstrings point at its chapters.
 """
 
+from nwflow.attention import GaussianKernelAttention
 from nwflow.empirical import (
     EmpiricalField,
     effective_neighbours,
@@ -14,15 +15,19 @@ from nwflow.empirical import (
     velocity,
 )
 from nwflow.path import bandwidth, conditional_target, conditional_velocity, sample_xt, sigma
+from nwflow.solvers import integrate, integrate_adaptive
 
 __version__ = "0.1.0"
 
 __all__ = [
     "EmpiricalField",
+    "GaussianKernelAttention",
     "bandwidth",
     "conditional_target",
     "conditional_velocity",
     "effective_neighbours",
+    "integrate",
+    "integrate_adaptive",
     "posterior_mean",
     "posterior_weights",
     "sample_xt",

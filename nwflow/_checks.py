@@ -88,3 +88,35 @@ def check_same_shape(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str)
             f"{name_a} and {name_b} must have the same shape, "
             f"got {tuple(a.shape)} and {tuple(b.shape)}"
         )
+
+
+def check_support(support: object, name: str = "support") -> torch.Tensor:
+    """A non-empty (n, *S) floating-point tensor with finite values."""
+    if not isinstance(support, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(support).__name__}")
+    if not torch.is_floating_point(support):
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {support.dtype}")
+    if support.dim() < 2:
+        raise ValueError(
+            f"{name} must have shape (n, *S) with at least 2 dimensions, got {tuple(support.shape)}"
+        )
+    if support.shape[0] == 0:
+        raise ValueError(f"{name} is empty (n = 0): the field needs at least one point")
+    return check_float_tensor(support, name)
+
+
+def check_query(
+    x: object, sample_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, name: str = "x"
+) -> torch.Tensor:
+    """A (B, *S) query matching the support's trailing shape, dtype and device."""
+    x = check_float_tensor(x, name)
+    if x.dim() < 1 or tuple(x.shape[1:]) != tuple(sample_shape):
+        raise ValueError(
+            f"{name} must have shape (B, {', '.join(map(str, sample_shape))}) to match the "
+            f"support's trailing shape {tuple(sample_shape)}, got {tuple(x.shape)}"
+        )
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but the support is on {device}")
+    if x.dtype != dtype:
+        raise TypeError(f"{name} has dtype {x.dtype} but the support has dtype {dtype}")
+    return x

@@ -1,0 +1,143 @@
+r"""The exact flow-matching velocity as one Gaussian-kernel attention head.
+
+Book: Part I, chapter 3 (kernel smoothing = attention).
+
+Expanding the posterior logit of support point j,
+
+    -||x - t x^(j)||^2 / (2 sigma_t^2)
+        = <t x / sigma_t^2, x^(j)> - (t^2 / (2 sigma_t^2)) ||x^(j)||^2 - ||x||^2 / (2 sigma_t^2),
+
+the last term does not depend on j, and a softmax over j is unchanged when the same
+number is added to every logit: it cancels. What is left is a dot product
+<q(x, t), k_j> of
+
+    query  q(x, t) = [ t x / sigma_t^2 ,  -t^2 / (2 sigma_t^2) ]    (D + 1 numbers, depends on x and t)
+    key    k_j     = [ x^(j)           ,  ||x^(j)||^2          ]    (D + 1 numbers, fixed: cached)
+    value  v_j     = x^(j)
+
+so softmax(q K^T) V with scale 1 is the posterior mean m(x, t) and
+u = (m - (1 - sigma_min) x) / sigma_t the velocity: one attention head whose keys and
+values are the training set, and whose only t-dependence sits in the query.
+
+This module computes the whole (B, n) attention matrix at once (it is the picture the
+book draws); for large n use :class:`nwflow.EmpiricalField`, which streams the same
+computation over chunks of the support.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nwflow._checks import check_query, check_sigma_min, check_support, check_time
+from nwflow.empirical import exact_matmul
+
+__all__ = ["GaussianKernelAttention"]
+
+
+class GaussianKernelAttention(nn.Module):
+    r"""One attention head that is exactly the empirical flow-matching field.
+
+    ``GaussianKernelAttention(support, sigma_min=0.0)``
+
+    - ``support``: (n, *S) floating tensor; flattened to (n, D) internally (images stay
+      (C, H, W) on the outside). Half precision is computed in float32.
+    - ``sigma_min``: the path's final noise, in [0, 1).
+
+    Buffers: ``keys`` (n, D + 1) = [x^(j), ||x^(j)||^2]; the values are the first D
+    columns of the keys (a view, so the support is stored once). Both move with
+    ``.to(device)`` and are saved in ``state_dict``.
+
+    ``forward(x, t)`` returns the velocity u(x, t) with the shape of ``x`` (B, *S);
+    ``t`` is a number, a 0-d tensor or a (B,) tensor in [0, 1] (t = 1 is refused when
+    sigma_min = 0). Softmax and products run in full fp32/fp64 precision (no TF32).
+    Chapter 3, eq. (attention).
+    """
+
+    keys: torch.Tensor
+
+    def __init__(self, support: torch.Tensor, sigma_min: float = 0.0) -> None:
+        super().__init__()
+        check_support(support, "support")
+        self.sigma_min = check_sigma_min(sigma_min)
+        self.sample_shape = tuple(support.shape[1:])
+        self.input_dtype = support.dtype
+        compute = support.dtype if support.dtype in (torch.float32, torch.float64) else torch.float32
+        flat = support.reshape(support.shape[0], -1).to(compute)
+        with exact_matmul():
+            norms = torch.linalg.vector_norm(flat, dim=1).square()
+        if not bool(torch.isfinite(norms).all()):
+            raise ValueError("support values are too large: their squared norms overflow")
+        self.register_buffer("keys", torch.cat([flat, norms[:, None]], dim=1))
+
+    @property
+    def values(self) -> torch.Tensor:
+        """The values v_j = x^(j), (n, D): the first D columns of the keys."""
+        return self.keys[:, :-1]
+
+    @property
+    def n(self) -> int:
+        """Number of support points (keys)."""
+        return self.keys.shape[0]
+
+    def extra_repr(self) -> str:
+        return f"n={self.n}, shape={self.sample_shape}, sigma_min={self.sigma_min}"
+
+    def _inputs(self, x: torch.Tensor, t: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        check_query(x, self.sample_shape, self.input_dtype, self.keys.device, "x")
+        # Coefficients in float64 (MPS has none), cast once: fp32 and fp64 see the same t.
+        coef = torch.float32 if self.keys.device.type == "mps" else torch.float64
+        tt = check_time(t, batch=x.shape[0], dtype=coef, device=self.keys.device, name="t",
+                        sigma_min=self.sigma_min)
+        return x.reshape(x.shape[0], -1).to(self.keys.dtype), tt
+
+    def _query(self, xf: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
+        s2 = (1.0 - (1.0 - self.sigma_min) * tt).square()
+        scale = (tt / s2).to(xf.dtype)[:, None]
+        last = (-tt.square() / (2.0 * s2)).to(xf.dtype)[:, None]
+        return torch.cat([xf * scale, last], dim=1)
+
+    def query(self, x: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
+        """The query q(x, t) = [t x / sigma_t^2, -t^2 / (2 sigma_t^2)]; (B, D + 1)."""
+        xf, tt = self._inputs(x, t)
+        return self._query(xf, tt)
+
+    def attention_logits(self, x: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
+        """Logits <q(x, t), k_j>, (B, n): the posterior logits up to a per-row constant."""
+        xf, tt = self._inputs(x, t)
+        with exact_matmul():
+            return self._query(xf, tt) @ self.keys.T
+
+    def posterior_weights(self, x: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
+        """Attention weights softmax_j <q, k_j> = posterior weights w_j(x, t); (B, n), rows sum to 1."""
+        return torch.softmax(self.attention_logits(x, t), dim=1).to(self.input_dtype)
+
+    def _mean_and_weights(self, xf: torch.Tensor, tt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self._query(xf, tt) @ self.keys.T
+        # Softmax with the normalisation after the product: exp(l - max) V / sum exp(l - max)
+        # rounds once per output instead of once per weight.
+        p = logits.sub_(logits.amax(dim=1, keepdim=True)).exp_()
+        total = p.sum(dim=1, keepdim=True)
+        return (p @ self.values) / total, p / total
+
+    def posterior_mean(self, x: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
+        """Attention output softmax(q K^T) V = m(x, t) = E[x1 | x_t = x]; shape of x."""
+        xf, tt = self._inputs(x, t)
+        with exact_matmul():
+            m, _ = self._mean_and_weights(xf, tt)
+        return m.reshape(x.shape).to(self.input_dtype)
+
+    def forward(
+        self, x: torch.Tensor, t: float | torch.Tensor, return_weights: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Velocity u(x, t) = (softmax(q K^T) V - (1 - sigma_min) x) / sigma_t; shape of x.
+
+        With ``return_weights=True`` also the attention weights (B, n).
+        """
+        xf, tt = self._inputs(x, t)
+        with exact_matmul():
+            m, w = self._mean_and_weights(xf, tt)
+            inv_sigma = (1.0 / (1.0 - (1.0 - self.sigma_min) * tt)).to(xf.dtype)[:, None]
+            u = (m - (1.0 - self.sigma_min) * xf) * inv_sigma
+        u = u.reshape(x.shape).to(self.input_dtype)
+        return (u, w.to(self.input_dtype)) if return_weights else u

@@ -1,0 +1,191 @@
+r"""Integrating the flow ODE dx/dt = u(x, t) from noise (t = 0) to data (t = 1).
+
+Book: Part I, chapter 4 (sampling).
+
+Fixed-step solvers on the grid t_k = t0 + k (t1 - t0) / steps, h = (t1 - t0) / steps:
+
+    euler   x_{k+1} = x_k + h u(x_k, t_k)                                       order 1, 1 call/step
+    heun    x' = x_k + h u(x_k, t_k);  x_{k+1} = x_k + h/2 (u(x_k, t_k) + u(x', t_{k+1}))   order 2, 2 calls
+    rk4     classical Runge-Kutta (stages at t_k, t_k + h/2, t_k + h/2, t_k + h)  order 4, 4 calls
+
+and :func:`integrate_adaptive`, an adaptive step size (Dormand-Prince by default) through
+``torchdiffeq``.
+
+The end point t = 1. The exact field of a finite support with sigma_min = 0 is singular at
+t = 1 (sigma_1 = 0: the velocity divides by it), and :func:`nwflow.velocity` refuses t = 1
+there. Euler never evaluates the field at t1, so ``t1 = 1`` is fine with it: its last step
+from t = 1 - h lands on the posterior mean (the nearest support point once h is small).
+Heun and RK4 evaluate at t_{k+1}; either stop short (``t1 = 1 - 1e-3``) or pass
+``final_euler=True``, which takes the last step with Euler so the field is never asked for
+its value at t1. A regular field (a network, or sigma_min > 0) needs neither.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["integrate", "integrate_adaptive", "METHODS", "ADAPTIVE_METHODS"]
+
+VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+# Butcher-free step functions: each returns the increment x_{k+1} - x_k.
+
+
+def _euler(f: VelocityFn, x: torch.Tensor, t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    return h * f(x, t)
+
+
+def _heun(f: VelocityFn, x: torch.Tensor, t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    k1 = f(x, t)
+    k2 = f(x + h * k1, t + h)
+    return 0.5 * h * (k1 + k2)
+
+
+def _rk4(f: VelocityFn, x: torch.Tensor, t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    k1 = f(x, t)
+    k2 = f(x + 0.5 * h * k1, t + 0.5 * h)
+    k3 = f(x + 0.5 * h * k2, t + 0.5 * h)
+    k4 = f(x + h * k3, t + h)
+    return h / 6.0 * (k1 + 2.0 * k2 + 2.0 * k3 + k4)
+
+
+METHODS: dict[str, Callable[..., torch.Tensor]] = {"euler": _euler, "heun": _heun, "rk4": _rk4}
+# torchdiffeq's adaptive-step solvers (its fixed-step ones are covered by ``integrate``).
+ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+
+
+def _check_times(t0: object, t1: object) -> tuple[float, float]:
+    for name, value in (("t0", t0), ("t1", t1)):
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                raise TypeError(f"{name} must be a number, got a tensor of shape {tuple(value.shape)}")
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+        if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must lie in [0, 1] (t = 0 noise, t = 1 data), got {value}")
+    t0, t1 = float(t0), float(t1)
+    if t0 == t1:
+        raise ValueError(f"t0 and t1 must differ, got t0 = t1 = {t0}")
+    return t0, t1
+
+
+def _check_x0(x0: object) -> torch.Tensor:
+    if not isinstance(x0, torch.Tensor):
+        raise TypeError(f"x0 must be a torch.Tensor, got {type(x0).__name__}")
+    if not torch.is_floating_point(x0):
+        raise TypeError(f"x0 must be a floating-point tensor, got dtype {x0.dtype}")
+    if x0.numel() and not bool(torch.isfinite(x0).all()):
+        raise ValueError("x0 contains NaN or inf")
+    return x0
+
+
+def integrate(
+    velocity_fn: VelocityFn,
+    x0: torch.Tensor,
+    t0: float = 0.0,
+    t1: float = 1.0,
+    steps: int = 100,
+    method: str = "euler",
+    return_trajectory: bool = False,
+    progress: bool = False,
+    final_euler: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""Solve dx/dt = velocity_fn(x, t) from x(t0) = x0 to t1 with a fixed step.
+
+    - ``velocity_fn(x, t)``: x of shape (B, *S), t a 0-d tensor of x's dtype and device;
+      returns (B, *S). E.g. ``lambda x, t: nwflow.velocity(x, t, support)`` or a network.
+    - ``x0``: (B, *S) start points (noise when t0 = 0).
+    - ``t0``, ``t1``: numbers in [0, 1], t1 < t0 integrates backwards (data to noise).
+    - ``steps``: number of steps (positive int); ``method``: "euler", "heun" or "rk4".
+    - ``final_euler``: take the last step with Euler, so the field is never evaluated at
+      t1 (for fields singular there, see the module docstring).
+    - ``progress``: a tqdm progress bar over the steps.
+
+    Returns x(t1) (B, *S), or with ``return_trajectory=True`` the tuple
+    (x(t1), trajectory (steps + 1, B, *S) including x0, times (steps + 1,)).
+    The grid is formed in float64 and cast, so fp32 and fp64 runs see the same times.
+    """
+    if not callable(velocity_fn):
+        raise TypeError(f"velocity_fn must be callable, got {type(velocity_fn).__name__}")
+    x = _check_x0(x0)
+    t0, t1 = _check_times(t0, t1)
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+    step = METHODS[method]
+    times64 = torch.linspace(t0, t1, int(steps) + 1, dtype=torch.float64)
+    times = times64.to(device=x.device, dtype=x.dtype)
+    trajectory = [x] if return_trajectory else None
+
+    from tqdm.auto import tqdm
+
+    for k in tqdm(range(int(steps)), disable=not progress, desc=f"{method} ({steps} steps)", leave=False):
+        t = times[k]
+        h = (times64[k + 1] - times64[k]).to(device=x.device, dtype=x.dtype)
+        last = k == int(steps) - 1
+        x = x + (_euler if (final_euler and last) else step)(velocity_fn, x, t, h)
+        if trajectory is not None:
+            trajectory.append(x)
+    if trajectory is None:
+        return x
+    return x, torch.stack(trajectory), times
+
+
+def integrate_adaptive(
+    velocity_fn: VelocityFn,
+    x0: torch.Tensor,
+    t0: float = 0.0,
+    t1: float = 1.0,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    method: str = "dopri5",
+    return_trajectory: bool = False,
+    times: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""Solve dx/dt = velocity_fn(x, t) with an adaptive step (``torchdiffeq.odeint``).
+
+    The step size is chosen so the local error estimate stays below atol + rtol |x|.
+    Dormand-Prince ("dopri5", the default) evaluates the field at the end of each
+    accepted step, so for the exact field with sigma_min = 0 stop short of 1
+    (``t1 = 1 - 1e-3``).
+
+    - ``velocity_fn(x, t)``: as in :func:`integrate` (t a 0-d tensor).
+    - ``times``: optional increasing (or decreasing) 1-d grid from t0 to t1 at which to
+      record the solution; default [t0, t1].
+
+    Returns x(t1), or with ``return_trajectory=True`` (x(t1), trajectory (len(times), B, *S), times).
+    """
+    import torchdiffeq
+
+    if not callable(velocity_fn):
+        raise TypeError(f"velocity_fn must be callable, got {type(velocity_fn).__name__}")
+    if method not in ADAPTIVE_METHODS:
+        raise ValueError(f"method must be one of {ADAPTIVE_METHODS}, got {method!r}")
+    x = _check_x0(x0)
+    t0, t1 = _check_times(t0, t1)
+    for name, tol in (("rtol", rtol), ("atol", atol)):
+        if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not tol > 0:
+            raise ValueError(f"{name} must be a positive number, got {tol!r}")
+    if times is None:
+        grid = torch.tensor([t0, t1], dtype=x.dtype, device=x.device)
+    else:
+        if not isinstance(times, torch.Tensor) or times.dim() != 1 or times.numel() < 2:
+            raise ValueError("times must be a 1-d tensor with at least two entries")
+        grid = times.to(device=x.device, dtype=x.dtype)
+        d = torch.diff(grid)
+        if not (bool((d > 0).all()) or bool((d < 0).all())):
+            raise ValueError("times must be strictly monotonic")
+        if abs(float(grid[0]) - t0) > 1e-12 or abs(float(grid[-1]) - t1) > 1e-12:
+            raise ValueError(f"times must run from t0 = {t0} to t1 = {t1}, got "
+                             f"{float(grid[0])} ... {float(grid[-1])}")
+    trajectory = torchdiffeq.odeint(lambda t, y: velocity_fn(y, t), x, grid,
+                                    rtol=rtol, atol=atol, method=method)
+    if return_trajectory:
+        return trajectory[-1], trajectory, grid
+    return trajectory[-1]
