@@ -1,0 +1,272 @@
+r"""Empirical Flow Matching: regress on a Monte Carlo estimate of the closed-form velocity.
+
+Book: Part II, chapter 6 (``book/part2_papers/06_empirical_flow_matching``), after
+Bertrand, Gagneux, Massias and Emonet, "On the Closed-Form of Flow Matching: Generalization
+Does Not Arise from Target Stochasticity" (arXiv 2506.03719), eqs. (7)-(8) and Algorithm 2.
+
+Conditional flow matching (CFM) regresses v_theta(x_t, t) on the conditional target
+
+    u_cond = x1 - (1 - sigma_min) x0 = (x1 - (1 - sigma_min) x_t) / sigma_t,
+
+an unbiased but noisy estimate of the closed-form velocity u(x_t, t) = E[u_cond | x_t]
+(:func:`nwflow.velocity`). EFM-M replaces it by a self-normalised average over M reference
+points b^(1..M), of which the FIRST is the point x1 that generated x_t:
+
+    u_M(x, t) = sum_{j=1}^M lambda_j (b^(j) - (1 - sigma_min) x) / sigma_t,            (EFM)
+    lambda    = softmax_j( -||x - t b^(j)||^2 / (2 sigma_t^2) ),
+    b^(1) = x1,   b^(2), ..., b^(M) i.i.d. uniform over the training set.
+
+(The paper writes sigma_min = 0, sigma_t = 1 - t; its eq. (8) prints the softmax over all n
+training points, but Algorithm 2 and Appendix B.1 take it over the M references, as here.)
+Proposition 2 of the paper: given x_t = x, b^(1) is a draw from the posterior
+w_j(x, t) (:func:`nwflow.posterior_weights`), and then
+
+    E[u_M(x, t)] = u(x, t)                        (unbiased, for every M >= 1)
+    Var[u_M(x, t)] <= Var[u_cond | x_t = x]         (never noisier than CFM).
+
+Drawing b^(1) uniformly instead gives a plain self-normalised importance-sampling estimate,
+which is biased. M = 1 is CFM exactly: the softmax over one point is 1.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable
+
+import torch
+
+from nwflow._checks import check_float_tensor, check_same_shape, check_sigma_min, check_time
+from nwflow.empirical import EmpiricalField, exact_matmul
+from nwflow.path import conditional_velocity, sample_xt
+
+__all__ = [
+    "efm_target",
+    "TargetSampler",
+    "hybrid_field",
+    "alignment",
+    "field_error",
+]
+
+VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _coef_dtype(device: torch.device) -> torch.dtype:
+    # The estimator is formed in float64 (MPS has none): near t = 1 the logits scale like
+    # 1 / sigma_t^2 and (m - x) / sigma_t cancels, so fp32 would lose the target there.
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def efm_target(
+    x: torch.Tensor,
+    t: float | torch.Tensor,
+    x1: torch.Tensor,
+    references: torch.Tensor,
+    sigma_min: float = 0.0,
+) -> torch.Tensor:
+    r"""The EFM-M target u_M(x, t) of eq. (EFM) (module docstring; paper eq. (8)).
+
+        u_M(x, t) = sum_{j=1}^M lambda_j (b^(j) - (1 - sigma_min) x) / sigma_t,
+        lambda = softmax_j(-||x - t b^(j)||^2 / (2 sigma_t^2)),  b^(1) = x1, b^(2..M) = references.
+
+    Shapes: ``x`` = x_t and ``x1`` (B, *S); ``t`` a number, 0-d or (B,) tensor in [0, 1]
+    (t = 1 needs sigma_min > 0); ``references`` either (K, *S), shared by every row (the
+    cheap form used in training: one (B, K) matrix product), or (B, K, *S), one set per row;
+    M = K + 1 and K = 0 gives the conditional target. Returns (B, *S) in the dtype of ``x``,
+    computed in float64. For an unbiased estimate of :func:`nwflow.velocity`, ``x1`` must be
+    the point that generated ``x`` (a posterior draw) and the references uniform draws from
+    the training set, independent of ``x``. Chapter 6.
+    """
+    check_float_tensor(x, "x")
+    check_float_tensor(x1, "x1")
+    check_same_shape(x, x1, "x", "x1")
+    check_float_tensor(references, "references")
+    sigma_min = check_sigma_min(sigma_min)
+    if x.dim() < 2:
+        raise ValueError(f"x must have shape (B, *S) with at least 2 dimensions, got {tuple(x.shape)}")
+    B, S = x.shape[0], tuple(x.shape[1:])
+    if references.dim() == x.dim() and tuple(references.shape[1:]) == S:
+        shared = True
+    elif references.dim() == x.dim() + 1 and references.shape[0] == B and tuple(references.shape[2:]) == S:
+        shared = False
+    else:
+        raise ValueError(
+            f"references must have shape (K, {', '.join(map(str, S))}) (shared) or "
+            f"({B}, K, {', '.join(map(str, S))}) (per row), got {tuple(references.shape)}"
+        )
+    for name, other in (("x1", x1), ("references", references)):
+        if other.device != x.device:
+            raise ValueError(f"{name} is on {other.device} but x is on {x.device}")
+        if other.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {other.dtype} but x has dtype {x.dtype}")
+    dt = _coef_dtype(x.device)
+    tt = check_time(t, batch=B, dtype=dt, device=x.device, name="t", sigma_min=sigma_min)
+    c = 1.0 - sigma_min
+    s = 1.0 - c * tt                                            # sigma_t, (B,)
+    xf = x.reshape(B, -1).to(dt)
+    b1 = x1.reshape(B, -1).to(dt)
+    inv2s2 = 1.0 / (2.0 * s.square())
+    # The generating point's logit in the direct form: no cancellation even as t -> 1.
+    l1 = -(xf - tt[:, None] * b1).square().sum(dim=1) * inv2s2  # (B,)
+    with exact_matmul():
+        if shared:
+            R = references.reshape(references.shape[0], xf.shape[1]).to(dt)         # (K, D)
+            # ||x - t b||^2 = ||x||^2 - 2 t <x, b> + t^2 ||b||^2; the ||x||^2 term is constant in
+            # j but kept so that l1 and lk share one scale (l1 is not a GEMM entry).
+            d2 = (xf.square().sum(1)[:, None] - 2.0 * tt[:, None] * (xf @ R.T)
+                  + tt.square()[:, None] * R.square().sum(1)[None, :]).clamp_min(0.0)
+        else:
+            R = references.reshape(B, references.shape[1], xf.shape[1]).to(dt)      # (B, K, D)
+            d2 = (xf[:, None, :] - tt[:, None, None] * R).square().sum(dim=2)
+        logits = torch.cat([l1[:, None], -d2 * inv2s2[:, None]], dim=1)      # (B, M)
+        lam = torch.softmax(logits, dim=1)
+        if shared:
+            m = lam[:, :1] * b1 + lam[:, 1:] @ R
+        else:
+            m = lam[:, :1] * b1 + torch.einsum("bk,bkd->bd", lam[:, 1:], R)
+        u = (m - c * xf) / s[:, None]
+    return u.reshape(x.shape).to(x.dtype)
+
+
+class TargetSampler:
+    r"""Training batches for CFM or EFM-M: ``sampler(step, generator) -> (x_t, t, target)``.
+
+    ``TargetSampler(support, batch_size, m=None, sigma_min=0.0, t_max=1.0)``
+
+    Each call draws x0 ~ N(0, I), x1 uniform from ``support`` (n, *S), t ~ U[0, t_max) and
+    x_t = sigma_t x0 + t x1 (:func:`nwflow.sample_xt`). The target is
+
+    - ``m=None``: the CFM target x1 - (1 - sigma_min) x0 (paper Algorithm 1);
+    - ``m=M``: the EFM-M target :func:`efm_target` with b^(1) = x1 and M - 1 references drawn
+      uniformly with replacement, shared by the batch (paper Algorithm 2).
+
+    Random numbers come from ``generator`` (on the CPU; tensors are moved to the support's
+    device), so a seeded generator reproduces the batches. This is the ``batch_fn`` of
+    :func:`nwflow.train.train_velocity`. Chapter 6.
+    """
+
+    def __init__(self, support: torch.Tensor, batch_size: int, m: int | None = None,
+                 sigma_min: float = 0.0, t_max: float = 1.0) -> None:
+        check_float_tensor(support, "support")
+        if support.dim() < 2 or support.shape[0] == 0:
+            raise ValueError(f"support must be a non-empty (n, *S) tensor, got shape {tuple(support.shape)}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if m is not None and (isinstance(m, bool) or not isinstance(m, numbers.Integral) or m < 1):
+            raise ValueError(f"m must be None (CFM) or a positive int (EFM-M), got {m!r}")
+        if isinstance(t_max, bool) or not isinstance(t_max, numbers.Real) or not 0.0 < t_max <= 1.0:
+            raise ValueError(f"t_max must be a number in (0, 1], got {t_max!r}")
+        self.support = support
+        self.batch_size = int(batch_size)
+        self.m = None if m is None else int(m)
+        self.sigma_min = check_sigma_min(sigma_min)
+        self.t_max = float(t_max)
+
+    def __repr__(self) -> str:
+        kind = "CFM" if self.m is None else f"EFM-{self.m}"
+        return (f"TargetSampler({kind}, n={self.support.shape[0]}, batch_size={self.batch_size}, "
+                f"sigma_min={self.sigma_min})")
+
+    def __call__(self, step: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor,
+                                                                       torch.Tensor]:
+        sup = self.support
+        n, B, dev = sup.shape[0], self.batch_size, sup.device
+        idx = torch.randint(n, (B,), generator=generator).to(dev)
+        x1 = sup[idx]
+        x0 = torch.randn(x1.shape, generator=generator, dtype=sup.dtype).to(dev)
+        t = (self.t_max * torch.rand(B, generator=generator, dtype=torch.float64)).to(dev, sup.dtype)
+        # t ~ U[0, 1) can round to 1.0 in fp32; keep it strictly inside when sigma_min = 0.
+        if self.sigma_min == 0.0:
+            t = t.clamp_max(torch.nextafter(torch.ones((), dtype=t.dtype), torch.zeros((), dtype=t.dtype)))
+        xt = sample_xt(x0, x1, t, self.sigma_min)
+        if self.m is None:
+            target = conditional_velocity(x0, x1, self.sigma_min)
+        else:
+            ref = torch.randint(n, (self.m - 1,), generator=generator).to(dev)
+            target = efm_target(xt, t, x1, sup[ref], self.sigma_min)
+        return xt, t, target
+
+
+def hybrid_field(first: VelocityFn, second: VelocityFn, tau: float) -> VelocityFn:
+    r"""The switched field of the paper's Figure 3: ``first`` on [0, tau), ``second`` on [tau, 1].
+
+        u_tau(x, t) = first(x, t) if t < tau else second(x, t).
+
+    ``t`` is the solver's 0-d time (:func:`nwflow.solvers.integrate`); put tau on the solver's
+    grid so that the switch happens exactly at a step boundary. tau = 0 is ``second`` alone,
+    tau = 1 is ``first`` alone. Chapter 6.
+    """
+    if not callable(first) or not callable(second):
+        raise TypeError("first and second must be callables (x, t) -> velocity")
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not 0.0 <= tau <= 1.0:
+        raise ValueError(f"tau must be a number in [0, 1], got {tau!r}")
+    tau = float(tau)
+
+    def field(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if isinstance(t, torch.Tensor) and t.numel() != 1:
+            raise ValueError("hybrid_field needs one time for the whole batch (a number or 0-d tensor)")
+        return first(x, t) if float(t) < tau else second(x, t)
+
+    return field
+
+
+def _field(support: torch.Tensor, sigma_min: float) -> EmpiricalField:
+    return EmpiricalField(support, sigma_min=sigma_min)
+
+
+def alignment(
+    support: torch.Tensor,
+    times: torch.Tensor,
+    x0: torch.Tensor,
+    index: torch.Tensor,
+    sigma_min: float = 0.0,
+) -> torch.Tensor:
+    r"""Cosine similarity between the closed-form velocity and the conditional target (paper Fig. 1a).
+
+        cos_k,i = cos( u(x_t, t_k), x1_i - (1 - sigma_min) x0_i ),  x_t = sigma_t x0_i + t_k x1_i,
+        x1_i = support[index_i].
+
+    Shapes: ``support`` (n, *S), ``times`` (T,) in [0, 1) (t = 1 needs sigma_min > 0),
+    ``x0`` (B, *S), ``index`` (B,) integer rows of the support. Returns (T, B) in float64.
+    Near 1 once the posterior has collapsed onto the generating point: from then on CFM's
+    target is (nearly) deterministic. Chapter 6.
+    """
+    from nwflow.metrics import cosine_similarity
+
+    field = _field(support, sigma_min)
+    x1 = support[index]
+    check_same_shape(x0, x1, "x0", "support[index]")
+    u_cond = conditional_velocity(x0, x1, sigma_min)
+    rows = []
+    for t in times.tolist():
+        u = field.velocity(sample_xt(x0, x1, t, sigma_min), t)
+        rows.append(cosine_similarity(u, u_cond).double())
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def field_error(
+    model: VelocityFn,
+    support: torch.Tensor,
+    times: torch.Tensor,
+    x0: torch.Tensor,
+    index: torch.Tensor,
+    sigma_min: float = 0.0,
+) -> torch.Tensor:
+    r"""Mean squared error between a learned field and the closed form over t (paper Fig. 2 left).
+
+        e(t_k) = mean_i ||model(x_t, t_k) - u(x_t, t_k)||^2 / D,  x_t = sigma_t x0_i + t_k x1_i,
+
+    with x1_i = support[index_i] and D the number of values per sample (a per-coordinate
+    error, comparable across image sizes). Shapes: ``support`` (n, *S), ``times`` (T,),
+    ``x0`` (B, *S), ``index`` (B,). Returns (T,) in float64. Chapter 6.
+    """
+    field = _field(support, sigma_min)
+    x1 = support[index]
+    check_same_shape(x0, x1, "x0", "support[index]")
+    out = []
+    for t in times.tolist():
+        xt = sample_xt(x0, x1, t, sigma_min)
+        tt = torch.full((xt.shape[0],), t, dtype=xt.dtype, device=xt.device)
+        diff = (model(xt, tt) - field.velocity(xt, t)).double()
+        out.append(diff.square().mean())
+    return torch.stack(out)
