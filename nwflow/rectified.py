@@ -1,0 +1,416 @@
+r"""Rectified flows on fixed pairs: straight transport, the pair-optimal field, gradient variance.
+
+Book: Part II, chapter 8 (``book/part2_papers/08_rectified_flow_memorisation``), after
+Reu, Dromigny, Bronstein and Vargas, "Gradient Variance Reveals Failure Modes in Flow-Based
+Generative Models" (NeurIPS 2025, arXiv 2510.18118).
+
+A rectified flow regresses a field v(x, t) onto the displacement of *fixed* pairs
+(x0_i, x1_i), i = 1..N (x0 noise, x1 data), along the straight interpolant, possibly blurred
+by a constant noise of standard deviation sigma:
+
+    x_t = (1 - t) x0_i + t x1_i + sigma eps,   eps ~ N(0, I),    target d_i = x1_i - x0_i     (interpolant)
+
+With sigma = 0 this is the book's path x_t = sigma_t x0 + t x1 with sigma_min = 0, taken on
+fixed pairs instead of fresh noise. ``sigma`` here is that interpolant noise, constant in t;
+it is not the path's sigma_t.
+
+What lives here:
+
+- Affine transport in closed form. For a map T(z) = b + B z the straight lines
+  x_t = (1 - t) z + t T(z) are the trajectories of
+
+      v(x, t) = b + (B - I) ((1 - t) I + t B)^{-1} (x - t b)                         (affine field)
+
+  B = M^{1/2} is the optimal-transport field from N(0, I) to N(mu, M) (b = mu):
+  v = theta + Theta (I + t Theta)^{-1} (x - t theta) with theta = mu, Theta = M^{1/2} - I.
+  B = M^{1/2} R with R orthogonal is a rotated-OT field: same end marginals, other pairs.
+- The pair-optimal field, the minimiser over all fields of E_{i, t, eps} ||v(x_t, t) - d_i||^2:
+
+      v*(x, t) = sum_i w_i(x, t) d_i,   w_i = softmax_i( -||x - c_i(t)||^2 / (2 sigma^2) ),
+      c_i(t) = (1 - t) x0_i + t x1_i,                                                 (pair field)
+
+  a Nadaraya-Watson smoother over the moving centres c_i(t) with bandwidth sigma. It is the
+  closed form of Part I with the support replaced by the centres: the weights are
+  ``nwflow.posterior_weights`` at time tau = 1 / (1 + sigma), where the path's bandwidth
+  h(tau) = sigma_tau / tau equals sigma. sigma = 0 is its limit, the nearest-line field.
+- The variance over samples of the per-sample loss gradient, with respect to the prediction
+  (g_i = 2 (v(x_t, t) - d_i)) or to a model's parameters.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from nwflow._checks import check_float_tensor, check_same_shape, check_time
+from nwflow.empirical import exact_matmul, posterior_weights
+from nwflow.path import conditional_velocity, sample_xt
+
+__all__ = [
+    "sqrtm_psd",
+    "rotation_matrix",
+    "gaussian_ot_map",
+    "affine_map",
+    "affine_velocity",
+    "gaussian_ot_velocity",
+    "rotated_ot_velocity",
+    "interpolant",
+    "pair_batch_fn",
+    "pair_weights",
+    "pair_velocity",
+    "pair_loss",
+    "prediction_gradient_variance",
+    "parameter_gradient_variance",
+]
+
+VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+BatchFn = Callable[[int, torch.Generator], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+# -- argument checks ------------------------------------------------------------------
+def _check_sigma(sigma: object) -> float:
+    if isinstance(sigma, torch.Tensor) and sigma.numel() == 1:
+        sigma = float(sigma)
+    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real):
+        raise TypeError(f"sigma must be a real number, got {type(sigma).__name__}")
+    if not math.isfinite(sigma) or sigma < 0.0:
+        raise ValueError(f"sigma must be a finite number >= 0, got {sigma}")
+    return float(sigma)
+
+
+def _check_pairs(x0: object, x1: object) -> tuple[torch.Tensor, torch.Tensor]:
+    x0 = check_float_tensor(x0, "x0")
+    x1 = check_float_tensor(x1, "x1")
+    check_same_shape(x0, x1, "x0", "x1")
+    if x0.dim() < 2 or x0.shape[0] == 0:
+        raise ValueError(f"x0 and x1 must have shape (N, *S) with N >= 1, got {tuple(x0.shape)}")
+    if x0.dtype != x1.dtype or x0.device != x1.device:
+        raise ValueError(f"x0 and x1 must share dtype and device, got {x0.dtype} on {x0.device} "
+                         f"and {x1.dtype} on {x1.device}")
+    return x0, x1
+
+
+def _check_noise(noise: object, like: torch.Tensor, sigma: float) -> torch.Tensor | None:
+    if noise is None:
+        if sigma > 0.0:
+            raise ValueError("noise is required when sigma > 0: pass a tensor of standard normals "
+                             "shaped like x0 (explicit randomness keeps results reproducible)")
+        return None
+    noise = check_float_tensor(noise, "noise")
+    check_same_shape(noise, like, "noise", "x0")
+    return noise
+
+
+def _check_affine(x: torch.Tensor, shift: object, matrix: object) -> tuple[torch.Tensor, torch.Tensor]:
+    shift = check_float_tensor(shift, "shift")
+    matrix = check_float_tensor(matrix, "matrix")
+    d = shift.shape[0] if shift.dim() == 1 else 0
+    if shift.dim() != 1 or matrix.shape != (d, d):
+        raise ValueError(f"shift must have shape (d,) and matrix (d, d), got {tuple(shift.shape)} "
+                         f"and {tuple(matrix.shape)}")
+    if x.dim() != 2 or x.shape[1] != d:
+        raise ValueError(f"x must have shape (B, {d}) to match shift, got {tuple(x.shape)}")
+    return shift.to(device=x.device, dtype=torch.float64), matrix.to(device=x.device, dtype=torch.float64)
+
+
+# -- Gaussian-to-Gaussian transport ---------------------------------------------------
+def sqrtm_psd(cov: torch.Tensor) -> torch.Tensor:
+    """The symmetric positive semi-definite square root M^{1/2} of a covariance M, (d, d).
+
+    By eigen-decomposition in float64, M = V diag(lam) V^T -> V diag(sqrt(lam)) V^T; the result
+    has the dtype of ``cov``. Raises ValueError when ``cov`` is not symmetric PSD (to 1e-10
+    relative). Chapter 8, Gaussian-to-Gaussian transport.
+    """
+    cov = check_float_tensor(cov, "cov")
+    if cov.dim() != 2 or cov.shape[0] != cov.shape[1] or cov.shape[0] == 0:
+        raise ValueError(f"cov must be a square (d, d) matrix, got shape {tuple(cov.shape)}")
+    c = cov.double()
+    scale = float(c.abs().max()) or 1.0
+    if float((c - c.T).abs().max()) > 1e-10 * scale:
+        raise ValueError("cov must be symmetric")
+    lam, vec = torch.linalg.eigh(0.5 * (c + c.T))
+    if float(lam.min()) < -1e-10 * scale:
+        raise ValueError(f"cov must be positive semi-definite, its smallest eigenvalue is {float(lam.min())}")
+    return ((vec * lam.clamp_min(0.0).sqrt()) @ vec.T).to(cov.dtype)
+
+
+def rotation_matrix(dim: int, angle: float, plane: tuple[int, int] = (0, 1)) -> torch.Tensor:
+    """The rotation by ``angle`` (radians) in the coordinate ``plane`` (i, j) of R^dim, float64 (dim, dim).
+
+    R e_i = cos(angle) e_i + sin(angle) e_j, R e_j = -sin(angle) e_i + cos(angle) e_j; the other
+    axes are fixed. In R^2, angle = pi gives R = -I. Chapter 8.
+    """
+    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 2:
+        raise ValueError(f"dim must be an int >= 2, got {dim!r}")
+    if isinstance(angle, bool) or not isinstance(angle, numbers.Real) or not math.isfinite(angle):
+        raise TypeError(f"angle must be a finite real number, got {angle!r}")
+    i, j = plane
+    if not (0 <= i < dim and 0 <= j < dim and i != j):
+        raise ValueError(f"plane must be two distinct axes in [0, {dim}), got {plane}")
+    r = torch.eye(int(dim), dtype=torch.float64)
+    # Exact zeros at multiples of pi / 2 (sin(pi) is 1.2e-16 in floating point), so that
+    # angle = pi gives exactly -I in the plane.
+    c, s = (0.0 if abs(v) < 1e-15 else v for v in (math.cos(angle), math.sin(angle)))
+    r[i, i], r[j, j], r[j, i], r[i, j] = c, c, s, -s
+    return r
+
+
+def gaussian_ot_map(mean: torch.Tensor, cov: torch.Tensor,
+                    rotation: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The affine map T(z) = mean + M^{1/2} R z from N(0, I) to N(mean, M), as (shift, matrix).
+
+    With ``rotation`` R = None (the identity) it is the optimal-transport (Brenier) map; with an
+    orthogonal R it is a rotated-OT map: R z ~ N(0, I) again, so the end marginal is the same
+    N(mean, M) but every point gets another partner. Shapes: mean (d,), cov (d, d), rotation
+    (d, d). Returns float64 (shift (d,), matrix (d, d)). Chapter 8.
+    """
+    mean = check_float_tensor(mean, "mean")
+    if mean.dim() != 1:
+        raise ValueError(f"mean must have shape (d,), got {tuple(mean.shape)}")
+    root = sqrtm_psd(cov).double()
+    if root.shape[0] != mean.shape[0]:
+        raise ValueError(f"cov is {tuple(root.shape)} but mean has {mean.shape[0]} entries")
+    if rotation is None:
+        return mean.double(), root
+    rot = check_float_tensor(rotation, "rotation").double()
+    if rot.shape != root.shape:
+        raise ValueError(f"rotation must have shape {tuple(root.shape)}, got {tuple(rot.shape)}")
+    eye = torch.eye(rot.shape[0], dtype=torch.float64, device=rot.device)
+    if float((rot @ rot.T - eye).abs().max()) > 1e-8:
+        raise ValueError("rotation must be orthogonal (R R^T = I)")
+    return mean.double(), root @ rot.to(root.device)
+
+
+def affine_map(z: torch.Tensor, shift: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """T(z) = shift + matrix z for each row of z (B, d); returns (B, d) in z's dtype."""
+    z = check_float_tensor(z, "z")
+    b, m = _check_affine(z, shift, matrix)
+    return (b + z.double() @ m.T).to(z.dtype)
+
+
+def affine_velocity(x: torch.Tensor, t: float | torch.Tensor, shift: torch.Tensor,
+                    matrix: torch.Tensor) -> torch.Tensor:
+    r"""The field whose trajectories are the straight lines x_t = (1 - t) z + t T(z), T(z) = b + B z:
+
+        v(x, t) = b + (B - I) A_t^{-1} (x - t b),    A_t = (1 - t) I + t B.
+
+    Derivation: x_t = t b + A_t z, so z = A_t^{-1} (x_t - t b), and dx_t/dt = T(z) - z =
+    b + (B - I) z. Every pair (z, T(z)) is then reproduced exactly and the regression loss on
+    those pairs is zero. Shapes: x (B, d); t a number, 0-d or (B,) tensor in [0, 1]; shift (d,);
+    matrix (d, d). Computed in float64 and returned in x's dtype. Raises ValueError where A_t is
+    singular: there the lines of different z meet at the same time and no field exists (e.g.
+    B = -I at t = 1/2). Chapter 8, eq. (affine field).
+    """
+    x = check_float_tensor(x, "x")
+    b, m = _check_affine(x, shift, matrix)
+    tt = check_time(t, batch=x.shape[0], dtype=torch.float64, device=x.device, name="t")
+    d = b.shape[0]
+    eye = torch.eye(d, dtype=torch.float64, device=x.device)
+    a = (1.0 - tt)[:, None, None] * eye + tt[:, None, None] * m          # (B, d, d)
+    rhs = (x.double() - tt[:, None] * b)[:, :, None]                       # (B, d, 1)
+    # Singular (to float64 rounding) A_t: the lines of different z meet at this time.
+    singular = ~(torch.linalg.cond(a) <= 1e12)  # NaN (the zero matrix) counts as singular
+    if bool(singular.any()):
+        bad = float(tt[singular.nonzero()[0, 0]])
+        raise ValueError(f"(1 - t) I + t B is singular at t = {bad}: the straight lines of this map "
+                         "meet there and the field is undefined")
+    z = torch.linalg.solve(a, rhs)
+    return (b + ((m - eye) @ z)[:, :, 0]).to(x.dtype)
+
+
+def gaussian_ot_velocity(x: torch.Tensor, t: float | torch.Tensor, mean: torch.Tensor,
+                         cov: torch.Tensor) -> torch.Tensor:
+    r"""The OT field from N(0, I) to N(mean, M): v = theta + Theta (I + t Theta)^{-1} (x - t theta),
+
+    theta = mean, Theta = M^{1/2} - I. Its trajectories are the straight lines from z to
+    mean + M^{1/2} z. Shapes: x (B, d), mean (d,), cov (d, d). Chapter 8.
+    """
+    return affine_velocity(x, t, *gaussian_ot_map(mean, cov))
+
+
+def rotated_ot_velocity(x: torch.Tensor, t: float | torch.Tensor, mean: torch.Tensor,
+                        cov: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    r"""A rotated-OT field: straight lines from z to mean + M^{1/2} R z (R orthogonal).
+
+    Same end marginals as :func:`gaussian_ot_velocity`, other pairs, longer lines; for R = -I
+    in R^2 (and M = I) all lines meet at t = 1/2 and the field is singular there. Chapter 8.
+    """
+    return affine_velocity(x, t, *gaussian_ot_map(mean, cov, rotation))
+
+
+# -- pairs and the interpolant --------------------------------------------------------
+def interpolant(x0: torch.Tensor, x1: torch.Tensor, t: float | torch.Tensor, sigma: float = 0.0,
+                noise: torch.Tensor | None = None) -> torch.Tensor:
+    r"""The (noisy) straight interpolant x_t = (1 - t) x0 + t x1 + sigma * noise.
+
+    With sigma = 0 it is ``nwflow.sample_xt(x0, x1, t, sigma_min=0)``; with sigma > 0 pass
+    ``noise`` (standard normals shaped like x0). Its time derivative is x1 - x0 whatever sigma
+    (the noise is fixed along the line). Shapes: x0, x1 (B, *S); t a number, 0-d or (B,).
+    Chapter 8, eq. (interpolant).
+    """
+    sigma = _check_sigma(sigma)
+    x0 = check_float_tensor(x0, "x0")
+    noise = _check_noise(noise, x0, sigma)
+    xt = sample_xt(x0, x1, t, sigma_min=0.0)
+    return xt if noise is None or sigma == 0.0 else xt + sigma * noise
+
+
+def pair_batch_fn(x0: torch.Tensor, x1: torch.Tensor, batch_size: int, sigma: float = 0.0) -> BatchFn:
+    r"""A ``batch_fn(step, generator) -> (x_t, t, target)`` for :func:`nwflow.train.train_velocity`.
+
+    Each call draws i uniformly from the N fixed pairs, t ~ U(0, 1) and eps ~ N(0, I) (on the
+    CPU from ``generator``, then moved to x0's device and dtype) and returns the interpolant
+    x_t, t (B,) and the target d_i = x1_i - x0_i. Shapes: x0, x1 (N, *S). Chapter 8.
+    """
+    x0, x1 = _check_pairs(x0, x1)
+    sigma = _check_sigma(sigma)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    target_all = conditional_velocity(x0, x1, sigma_min=0.0)
+    n, shape = x0.shape[0], tuple(x0.shape[1:])
+
+    def batch_fn(step: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        idx = torch.randint(n, (batch_size,), generator=generator).to(x0.device)
+        t = torch.rand(batch_size, generator=generator, dtype=torch.float64).to(x0.device, x0.dtype)
+        eps = torch.randn((batch_size,) + shape, generator=generator, dtype=torch.float64)
+        xt = interpolant(x0[idx], x1[idx], t, sigma, eps.to(x0.device, x0.dtype))
+        return xt, t, target_all[idx]
+
+    return batch_fn
+
+
+# -- the pair-optimal field -----------------------------------------------------------
+def pair_weights(x: torch.Tensor, t: float | torch.Tensor, x0: torch.Tensor, x1: torch.Tensor,
+                 sigma: float) -> torch.Tensor:
+    r"""Posterior weights over pairs, w_i(x, t) = softmax_i(-||x - c_i(t)||^2 / (2 sigma^2)), (B, N).
+
+    c_i(t) = (1 - t) x0_i + t x1_i. For sigma > 0 they are Part I's posterior weights with the
+    centres as the support, evaluated at tau = 1 / (1 + sigma) on the rescaled query tau x
+    (there h(tau) = sigma, so -||tau x - tau c_i||^2 / (2 (1 - tau)^2) = -||x - c_i||^2 / (2 sigma^2));
+    the streaming, exact engine of :mod:`nwflow.empirical` does the softmax. A (B,) ``t`` with
+    several values is handled one distinct value at a time (the centres move with t).
+    sigma = 0 is the limit: the one-hot weight of the nearest centre (ties: the lowest index).
+    Shapes: x (B, *S), x0 and x1 (N, *S). Chapter 8, eq. (pair field).
+    """
+    x0, x1 = _check_pairs(x0, x1)
+    sigma = _check_sigma(sigma)
+    x = check_float_tensor(x, "x")
+    if tuple(x.shape[1:]) != tuple(x0.shape[1:]) or x.dim() != x0.dim():
+        raise ValueError(f"x must have shape (B, {', '.join(map(str, x0.shape[1:]))}), got {tuple(x.shape)}")
+    if x.dtype != x0.dtype or x.device != x0.device:
+        raise ValueError(f"x must share dtype and device with x0 ({x0.dtype} on {x0.device}), "
+                         f"got {x.dtype} on {x.device}")
+    tt = check_time(t, batch=x.shape[0], dtype=torch.float64, device=x.device, name="t")
+    xf = x.reshape(x.shape[0], -1)
+    a, b = x0.reshape(x0.shape[0], -1), x1.reshape(x1.shape[0], -1)
+    w = torch.empty(x.shape[0], a.shape[0], dtype=x.dtype, device=x.device)
+    tau = 1.0 / (1.0 + sigma)
+    for value in torch.unique(tt):
+        rows = (tt == value).nonzero()[:, 0]
+        s = float(value)
+        centres = (1.0 - s) * a + s * b
+        if sigma == 0.0:
+            with exact_matmul():
+                dist = torch.cdist(xf[rows].double(), centres.double())
+            w[rows] = nn.functional.one_hot(dist.argmin(dim=1), a.shape[0]).to(x.dtype)
+        else:
+            w[rows] = posterior_weights(tau * xf[rows], tau, centres, sigma_min=0.0)
+    return w
+
+
+def pair_velocity(x: torch.Tensor, t: float | torch.Tensor, x0: torch.Tensor, x1: torch.Tensor,
+                  sigma: float) -> torch.Tensor:
+    r"""The pair-optimal field v*(x, t) = sum_i w_i(x, t) (x1_i - x0_i), shape of x.
+
+    The minimiser over all fields of E_{i, t, eps} ||v(x_t, t) - (x1_i - x0_i)||^2 with the
+    interpolant of noise ``sigma``: the conditional mean of the displacement given x_t = x, a
+    Nadaraya-Watson smoother over the moving centres c_i(t) with bandwidth sigma (weights from
+    :func:`pair_weights`). For sigma > 0 it transports the mixture (1/N) sum_i N(x0_i, sigma^2 I)
+    exactly onto (1/N) sum_i N(x1_i, sigma^2 I); at sigma = 0 (the nearest-line field) it equals
+    x1_i - x0_i on the line of pair i, so Euler steps from x0_i land on x1_i: memorisation.
+    The (B, N) weights are formed (N is a number of training pairs here). Chapter 8.
+    """
+    w = pair_weights(x, t, x0, x1, sigma)
+    d = (x1 - x0).reshape(x0.shape[0], -1)
+    with exact_matmul():
+        v = w.double() @ d.double()
+    return v.to(x.dtype).reshape(x.shape)
+
+
+# -- losses and gradient variance -----------------------------------------------------
+def _residual(velocity_fn: VelocityFn, x0: torch.Tensor, x1: torch.Tensor, t: float | torch.Tensor,
+              sigma: float, noise: torch.Tensor | None) -> torch.Tensor:
+    """v(x_t, t) - (x1 - x0) per pair, flattened to (N, D)."""
+    if not callable(velocity_fn):
+        raise TypeError(f"velocity_fn must be callable, got {type(velocity_fn).__name__}")
+    x0, x1 = _check_pairs(x0, x1)
+    xt = interpolant(x0, x1, t, sigma, noise)
+    tt = check_time(t, batch=x0.shape[0], dtype=x0.dtype, device=x0.device, name="t")
+    v = velocity_fn(xt, tt)
+    if v.shape != x0.shape:
+        raise ValueError(f"velocity_fn returned shape {tuple(v.shape)}, expected {tuple(x0.shape)}")
+    return (v - conditional_velocity(x0, x1, sigma_min=0.0)).reshape(x0.shape[0], -1)
+
+
+def pair_loss(velocity_fn: VelocityFn, x0: torch.Tensor, x1: torch.Tensor, t: float | torch.Tensor,
+              sigma: float = 0.0, noise: torch.Tensor | None = None) -> float:
+    r"""The rectified-flow loss on given pairs, (1/N) sum_i ||v(x_t^i, t_i) - (x1_i - x0_i)||^2.
+
+    x_t^i is the interpolant of pair i at its time t_i (``t`` a number or (N,)) with noise
+    ``sigma * noise_i``. ``velocity_fn(x, t)`` receives t as an (N,) tensor. Chapter 8.
+    """
+    with torch.no_grad():
+        r = _residual(velocity_fn, x0, x1, t, _check_sigma(sigma), noise)
+    return float(r.double().square().sum(dim=1).mean())
+
+
+def prediction_gradient_variance(velocity_fn: VelocityFn, x0: torch.Tensor, x1: torch.Tensor,
+                                 t: float | torch.Tensor, sigma: float = 0.0,
+                                 noise: torch.Tensor | None = None) -> float:
+    r"""Total variance over pairs of the loss gradient with respect to the prediction.
+
+    g_i = d/dv ||v - d_i||^2 = 2 (v(x_t^i, t) - d_i), and the result is the trace of their
+    sample covariance, (1/(N - 1)) sum_i ||g_i - mean_j g_j||^2 (N >= 2), in float64.
+    It is 0 exactly when every residual is the same vector, e.g. when the field reproduces
+    every pair (the deterministic regime at its memorising optimum). Chapter 8.
+    """
+    with torch.no_grad():
+        g = 2.0 * _residual(velocity_fn, x0, x1, t, _check_sigma(sigma), noise).double()
+    if g.shape[0] < 2:
+        raise ValueError("the variance needs at least 2 pairs")
+    return float((g - g.mean(dim=0)).square().sum() / (g.shape[0] - 1))
+
+
+def parameter_gradient_variance(model: nn.Module, x0: torch.Tensor, x1: torch.Tensor,
+                                t: float | torch.Tensor, sigma: float = 0.0,
+                                noise: torch.Tensor | None = None) -> float:
+    r"""Total variance over pairs of the per-sample loss gradient with respect to the parameters.
+
+    G_i = grad_theta ||model(x_t^i, t_i) - d_i||^2 (one vector of all trainable parameters per
+    pair, computed with ``torch.func.vmap`` over ``torch.func.grad``); returns
+    (1/(N - 1)) sum_i ||G_i - mean_j G_j||^2, the trace of the covariance of the stochastic
+    gradient of a batch of one. ``model(x, t)`` takes x (B, *S) and t (B,). Chapter 8.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    x0, x1 = _check_pairs(x0, x1)
+    sigma = _check_sigma(sigma)
+    if x0.shape[0] < 2:
+        raise ValueError("the variance needs at least 2 pairs")
+    xt = interpolant(x0, x1, t, sigma, noise)
+    tt = check_time(t, batch=x0.shape[0], dtype=x0.dtype, device=x0.device, name="t")
+    target = conditional_velocity(x0, x1, sigma_min=0.0)
+    params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
+    buffers = {k: b.detach() for k, b in model.named_buffers()}
+
+    def loss(p: dict[str, torch.Tensor], x: torch.Tensor, s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = torch.func.functional_call(model, (p, buffers), (x[None], s[None]))
+        return (out[0] - y).square().sum()
+
+    grads = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0, 0))(params, xt, tt, target)
+    flat = torch.cat([g.reshape(x0.shape[0], -1).double() for g in grads.values()], dim=1)
+    return float((flat - flat.mean(dim=0)).square().sum() / (flat.shape[0] - 1))
