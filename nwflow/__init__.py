@@ -5,6 +5,7 @@ Nadaraya-Watson kernel smoother, computed exactly by one Gaussian-kernel attenti
 The book (``book/``) derives every formula here; the docstrings point at its chapters.
 """
 
+from nwflow import data, metrics
 from nwflow.attention import GaussianKernelAttention
 from nwflow.empirical import (
     EmpiricalField,
@@ -25,9 +26,11 @@ __all__ = [
     "bandwidth",
     "conditional_target",
     "conditional_velocity",
+    "data",
     "effective_neighbours",
     "integrate",
     "integrate_adaptive",
+    "metrics",
     "posterior_mean",
     "posterior_weights",
     "sample_xt",
