@@ -5,6 +5,8 @@ Image loaders return ``(images (N, C, H, W) float32 in [-1, 1], labels (N,) int6
 ``root=None`` means the folder named by ``NWFLOW_DATA_DIR``.
 """
 
+from nwflow.data.cifar10 import CIFAR10_CLASSES, load_cifar10
+from nwflow.data.imagenette import IMAGENETTE_NAMES, IMAGENETTE_WNIDS, load_imagenette
 from nwflow.data.toy import (
     GaussianMixture,
     circle,
@@ -15,9 +17,14 @@ from nwflow.data.toy import (
 )
 
 __all__ = [
+    "CIFAR10_CLASSES",
+    "IMAGENETTE_NAMES",
+    "IMAGENETTE_WNIDS",
     "GaussianMixture",
     "circle",
     "gaussian_mixture",
+    "load_cifar10",
+    "load_imagenette",
     "random_rotation",
     "spherical_shells",
     "two_moons",

@@ -1,0 +1,121 @@
+r"""Imagenette 2 (Howard 2019): ten easy ImageNet classes, 9,469 training and 3,925 validation images.
+
+Book: Part III (dimension sweeps: the same images at 8, 16, 32 and 64 pixels a side).
+
+``load_imagenette(root, split, size)`` returns ``(images, labels)``: images float
+(N, 3, size, size) in [-1, 1] (x / 127.5 - 1 of the uint8 pixels), labels int64 (N,)
+indexing :data:`IMAGENETTE_WNIDS` / :data:`IMAGENETTE_NAMES`. Every image is centre-cropped
+to a square and resized to ``size`` with Pillow's box (area-averaging) filter, so 64 -> 32,
+16, 8 is exact block averaging (before rounding to uint8).
+
+Sources under ``root``, the first found wins; each is a folder or a .zip laid out
+``{train,val}/<wnid>/<file>`` (with or without one top folder):
+``imagenette-64`` (a 64 x 64 copy), ``imagenette2-160``, ``imagenette2-320``, ``imagenette2``
+(the official releases; their .tgz archives are extracted atomically on first use).
+``download=True`` fetches https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-160.tgz,
+checked against the MD5 listed for it by torchvision's ``Imagenette`` data set.
+
+Order: the official layout has no order beyond file names, so images come class-interleaved
+(the first file of each class, then the second, ...; file names sorted within a class), and
+any ``limit`` prefix holds all classes. Decoded images are cached per (split, size) exactly
+as for CIFAR-10 (see :mod:`nwflow.data.cifar10`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nwflow.data import _archive as A
+
+__all__ = ["IMAGENETTE_WNIDS", "IMAGENETTE_NAMES", "IMAGENETTE_URL", "IMAGENETTE_MD5", "load_imagenette"]
+
+IMAGENETTE_WNIDS = ("n01440764", "n02102040", "n02979186", "n03000684", "n03028079",
+                    "n03394916", "n03417042", "n03425413", "n03445777", "n03888257")
+IMAGENETTE_NAMES = ("tench", "English springer", "cassette player", "chain saw", "church",
+                    "French horn", "garbage truck", "gas pump", "golf ball", "parachute")
+IMAGENETTE_URL = "https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-160.tgz"
+IMAGENETTE_MD5 = "e793b78cc4c9e9a4ccc0c1155377a412"
+
+_VARIANTS = ("imagenette-64", "imagenette2-160", "imagenette2-320", "imagenette2")
+
+
+def _find(root: Path, download: bool, cache_dir: str | os.PathLike | None, progress: bool) -> Path:
+    """The first folder or zip of a known variant under ``root`` (extracting a .tgz if needed)."""
+    looked = []
+    for variant in _VARIANTS:
+        for path in (root / variant, root / f"{variant}.zip"):
+            looked.append(str(path))
+            if path.exists():
+                return path
+        archive = root / f"{variant}.tgz"
+        looked.append(str(archive))
+        if archive.is_file():
+            dest = root if A.writable(root) else A.work_dir(root, cache_dir)
+            md5 = IMAGENETTE_MD5 if archive.name == Path(IMAGENETTE_URL).name else None
+            return A.extract_tar(archive, variant, dest, md5=md5)
+    if download:
+        archive = A.download(IMAGENETTE_URL, root / Path(IMAGENETTE_URL).name, IMAGENETTE_MD5, progress)
+        return A.extract_tar(archive, "imagenette2-160", root)
+    raise FileNotFoundError(
+        f"no Imagenette found; looked for: {', '.join(looked)}. Pass download=True to fetch "
+        f"{IMAGENETTE_URL}, or point root / NWFLOW_DATA_DIR at a folder holding one of these.")
+
+
+def _items(files: A.ImageFiles, split: str) -> tuple[list[str], np.ndarray]:
+    """Member names of one split, class-interleaved, and their labels."""
+    found = A.split_members(files.names(), split)
+    unknown = sorted({c for _, c, _ in found} - set(IMAGENETTE_WNIDS))
+    if unknown:
+        raise ValueError(f"{files.path}: unknown class folder(s) {unknown}; expected the wnids "
+                         f"{IMAGENETTE_WNIDS}")
+    if not found:
+        raise ValueError(f"{files.path} holds no images under {split}/<wnid>/")
+    order = A.interleave([(IMAGENETTE_WNIDS.index(c), f) for _, c, f in found])
+    names = [found[i][0] for i in order]
+    labels = np.array([IMAGENETTE_WNIDS.index(found[i][1]) for i in order], dtype=np.int64)
+    return names, labels
+
+
+def load_imagenette(
+    root: str | os.PathLike | None = None,
+    split: str = "train",
+    size: int = 64,
+    limit: int | None = None,
+    download: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Imagenette as ``(images (N, 3, size, size) in [-1, 1], labels (N,) int64)``.
+
+    - ``root``: folder holding one of the sources in the module docstring; None means
+      ``NWFLOW_DATA_DIR``, or ``~/.cache/nwflow/data`` when that is unset.
+    - ``split``: ``"train"`` (9,469 images) or ``"val"`` (3,925).
+    - ``size``: side length after the centre crop and box-filter resize (e.g. 8, 16, 32, 64).
+    - ``limit``: keep the first ``limit`` images (class-interleaved order); without a cache
+      only those are decoded.
+    - ``download``: fetch imagenette2-160.tgz (MD5-checked) when no source is found.
+    - ``cache_dir``: where decoded images are cached when not beside the source.
+    - ``progress``: tqdm bars while downloading or decoding.
+
+    Class names: ``IMAGENETTE_WNIDS[label]`` and ``IMAGENETTE_NAMES[label]``.
+    """
+    root = A.resolve_root(root)
+    split = A.check_split(split, ("train", "val"))
+    limit = A.check_limit(limit)
+    dtype = A.check_dtype(dtype)
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise TypeError(f"size must be an int, got {type(size).__name__}")
+    if not 1 <= size <= 1024:
+        raise ValueError(f"size must lie in [1, 1024], got {size}")
+    source = _find(root, download, cache_dir, progress)
+    images, labels = A.load_or_decode(
+        source, f"imagenette-{split}-{size}", cache_dir, lambda files: _items(files, split), size, size,
+        limit, f"decode Imagenette {split} at {size}px", progress)
+    if labels.size and (labels.min() < 0 or labels.max() >= len(IMAGENETTE_WNIDS)):
+        raise ValueError(f"{source}: labels outside 0..9")
+    return A.to_signed_float(images, labels, dtype)
