@@ -5,8 +5,9 @@ Book: Part III (dimension sweeps: the same images at 8, 16, 32 and 64 pixels a s
 ``load_imagenette(root, split, size)`` returns ``(images, labels)``: images float
 (N, 3, size, size) in [-1, 1] (x / 127.5 - 1 of the uint8 pixels), labels int64 (N,)
 indexing :data:`IMAGENETTE_WNIDS` / :data:`IMAGENETTE_NAMES`. Every image is centre-cropped
-to a square and resized to ``size`` with Pillow's box (area-averaging) filter, so 64 -> 32,
-16, 8 is exact block averaging (before rounding to uint8).
+to a square and resized to ``size`` by exact area averaging, rounded once to uint8: when the
+square's side is a multiple of ``size`` (64 -> 32, 16, 8) each output pixel is the mean of its
+block; otherwise input pixels count by their overlap with the output pixel.
 
 Sources under ``root``, the first found wins; each is a folder or a .zip laid out
 ``{train,val}/<wnid>/<file>`` (with or without one top folder):
