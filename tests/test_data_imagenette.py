@@ -157,18 +157,28 @@ def test_official_archive_and_download(tmp_path, monkeypatch):
 
 
 def test_cache_per_size(tmp_path, monkeypatch):
-    _write_zip(tmp_path / "imagenette-64.zip", "imagenette-64", _layout([1] * 10))
-    cache = tmp_path / "c"
-    x32, _ = load_imagenette(tmp_path, size=32, cache_dir=cache, progress=False)
-    x16, _ = load_imagenette(tmp_path, size=16, cache_dir=cache, progress=False)
-    assert len(list(cache.glob("*.npz"))) == 2
+    files = _layout([1] * 10)
+    (tmp_path / "a").mkdir()
+    _write_zip(tmp_path / "a" / "imagenette-64.zip", "imagenette-64", files)
+    _write_folder(tmp_path / "b" / "imagenette2-160", files)
+    cache_a, cache_b = tmp_path / "ca", tmp_path / "cb"
+    # The 64 px copy caches 64 px once and derives divisor sizes from it ...
+    a32, _ = load_imagenette(tmp_path / "a", size=32, cache_dir=cache_a, progress=False)
+    a16, _ = load_imagenette(tmp_path / "a", size=16, cache_dir=cache_a, progress=False)
+    assert [p.name.split(".")[-3] for p in cache_a.glob("*.npz")] == ["imagenette-train-64"]
+    # ... other sources decode and cache each size; both routes give the same pixels.
+    b32, _ = load_imagenette(tmp_path / "b", size=32, cache_dir=cache_b, progress=False)
+    b16, _ = load_imagenette(tmp_path / "b", size=16, cache_dir=cache_b, progress=False)
+    assert sorted(p.name.split(".")[-3] for p in cache_b.glob("*.npz")) == ["imagenette-train-16",
+                                                                          "imagenette-train-32"]
+    assert torch.equal(a32, b32) and torch.equal(a16, b16)
 
     def no_decode(*args, **kwargs):
         raise AssertionError("decoded again although the cache is valid")
 
     monkeypatch.setattr(_archive, "decode_many", no_decode)
-    assert torch.equal(load_imagenette(tmp_path, size=32, cache_dir=cache)[0], x32)
-    assert torch.equal(load_imagenette(tmp_path, size=16, cache_dir=cache)[0], x16)
+    assert load_imagenette(tmp_path / "a", size=8, cache_dir=cache_a)[0].shape == (10, 3, 8, 8)
+    assert torch.equal(load_imagenette(tmp_path / "b", size=16, cache_dir=cache_b)[0], b16)
 
 
 def test_bad_arguments(tmp_path):
