@@ -2,7 +2,7 @@
 
 Toy samplers return float tensors and are deterministic given ``seed`` or ``generator``.
 Image loaders return ``(images (N, C, H, W) float32 in [-1, 1], labels (N,) int64)``;
-``root=None`` means the folder named by ``NWFLOW_DATA_DIR``.
+``root=None`` means the folder named by ``NWFLOW_DATA_DIR`` (else ``~/.cache/nwflow/data``).
 """
 
 from nwflow.data.cifar10 import CIFAR10_CLASSES, load_cifar10
