@@ -338,7 +338,8 @@ class ArrayCache:
         if not self.path.is_file():
             return None
         try:
-            with np.load(self.path, allow_pickle=False) as f:
+            # Our own handle: np.load leaks its file when a truncated archive fails to open.
+            with open(self.path, "rb") as fh, np.load(fh, allow_pickle=False) as f:
                 if str(f["key"]) != self.key:
                     raise ValueError("key mismatch")
                 return {k: f[k] for k in f.files if k != "key"}
