@@ -295,9 +295,16 @@ def test_cache_location(tmp_path, monkeypatch):
     assert len(_cache_files(tmp_path / "env-cache")) == 1
     monkeypatch.delenv("NWFLOW_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    monkeypatch.setattr(_archive, "writable", lambda folder: False)   # a read-only data folder
-    load_cifar10(src, progress=False)
+    # A read-only data folder (like the shared copies) stays untouched, even for root, whom
+    # the permission bits do not stop.
+    before = sorted(src.iterdir())
+    src.chmod(0o555)
+    try:
+        load_cifar10(src, progress=False)
+    finally:
+        src.chmod(0o755)
     assert len(_cache_files(tmp_path / "xdg" / "nwflow")) == 1
+    assert sorted(src.iterdir()) == before
 
 
 # -- lossless subset and arguments ----------------------------------------------------------

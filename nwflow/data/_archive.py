@@ -11,6 +11,7 @@ import hashlib
 import io
 import os
 import shutil
+import stat
 import tarfile
 import tempfile
 import urllib.request
@@ -81,7 +82,11 @@ def _user_cache() -> Path:
 
 
 def writable(folder: Path) -> bool:
-    return folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)
+    """A folder we may add files to: it grants write permission and has a write bit set. The
+    bits matter for root, whom os.access always lets write: a shared data folder made
+    read-only with chmod (r-x) must stay untouched even then."""
+    return (folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)
+            and bool(stat.S_IMODE(folder.stat().st_mode) & 0o222))
 
 
 def work_dir(source_parent: Path, cache_dir: str | os.PathLike | None) -> Path:
