@@ -6,8 +6,9 @@ The html folder is served on 127.0.0.1 (a random free port, a thread of this pro
 each page is loaded by Python playwright driving the system Chromium (never a downloaded
 browser). A page passes when:
 
-- MathJax finished (``MathJax.startup.promise``) with no ``mjx-merror``, and a page whose
-  html holds math (``.math`` elements from Sphinx) has typeset ``mjx-container`` elements;
+- MathJax finished (``MathJax.startup.promise``) with no ``mjx-merror`` (TeX errors) and no
+  red undefined macros, and every math element of the html (``.math`` from Sphinx) holds a
+  typeset ``mjx-container``;
 - every ``<img>`` loaded (``naturalWidth > 0``);
 - no request left 127.0.0.1 (each one is aborted and reported: the book must work offline);
 - no local request failed or answered >= 400, no JavaScript exception, no console error;
@@ -61,7 +62,15 @@ async () => {
     mathjax: mathjax,
     sphinxMath: document.querySelectorAll('.math').length,
     typeset: document.querySelectorAll('mjx-container').length,
-    merrors: Array.from(document.querySelectorAll('mjx-merror')).map(e => e.textContent.slice(0, 80)),
+    untypeset: Array.from(document.querySelectorAll('.math'))
+      .filter(e => !e.querySelector('mjx-container') && e.textContent.trim())
+      .map(e => e.textContent.trim().slice(0, 60)),
+    merrors: Array.from(document.querySelectorAll('mjx-merror'))
+      .map(e => (e.getAttribute('data-mjx-error') || e.textContent).slice(0, 80)),
+    // An undefined macro is typeset as red text; its name is in the assistive MathML copy.
+    undefinedMacros: Array.from(document.querySelectorAll('mjx-mtext[style*="color: red"]')).map(e => {
+      const mml = e.closest('mjx-container').querySelector('mtext[mathcolor="red"]');
+      return mml ? mml.textContent.slice(0, 40) : '?'; }),
     images: imgs.map(img => ({src: img.getAttribute('src'), width: img.naturalWidth})),
     links: Array.from(document.querySelectorAll('a[href]')).map(a => a.getAttribute('href')),
   };
@@ -204,10 +213,15 @@ def check_pages(root: Path, chromium: str, screenshots: Path | None, full_page: 
                 report.math, report.images = probe["typeset"], len(probe["images"])
                 if probe["merrors"]:
                     report.failures.append(f"{len(probe['merrors'])} MathJax errors: {probe['merrors'][:3]}")
+                if probe["undefinedMacros"]:
+                    report.failures.append(f"undefined TeX macros: {probe['undefinedMacros'][:3]}")
                 if probe["sphinxMath"] and not probe["typeset"]:
                     report.failures.append(
                         f"{probe['sphinxMath']} math elements but nothing typeset "
                         f"(MathJax {'ran' if probe['mathjax'] else 'did not load'})")
+                elif probe["untypeset"]:
+                    report.failures.append(
+                        f"{len(probe['untypeset'])} math elements left as raw TeX: {probe['untypeset'][:3]}")
                 for img in probe["images"]:
                     if not img["width"]:
                         report.failures.append(f"image did not load: {img['src']}")
