@@ -1,0 +1,450 @@
+r"""Support-conditioned velocity fields: the exact plug-in head and a learned cross-attention net.
+
+Book: Part II, chapter 5 (when kernel smoothing fails).
+
+A *task* is a distribution P; its *support* is a set of m points drawn from it. A
+support-conditioned field v(x, t | S) maps a query (x, t) and a support S = {s_1..s_m}
+to a velocity. Two of them here:
+
+- the exact (plug-in) field of the support, batched over tasks: the Nadaraya-Watson
+  smoother of chapter 3,
+
+      w_j = softmax_j( -||x - t s_j||^2 / (2 sigma_t^2) ),   m_NW = sum_j w_j s_j,
+      u_NW(x, t | S) = (m_NW - (1 - sigma_min) x) / sigma_t;
+
+- :class:`SupportConditionedVelocity`, learned: queries [x, embed(t)] attend to encoded
+  support tokens through L cross-attention layers (softmax(q k^T / sqrt(d_head)) v per head);
+  optionally the exact head's bounded numerator sigma_t u_NW = m_NW - (1 - sigma_min) x is
+  an extra input of the output MLP.
+
+The learned field is trained by flow matching over many random tasks (Gaussian mixtures
+with 2-8 components, concentric spherical shells): for each task a support S and fresh
+points x1 ~ P, x_t = sigma_t x0 + t x1, and the regression target x1 - (1 - sigma_min) x0.
+Training reuses :func:`nwflow.train.train_velocity` (atomic, resumable checkpoints, progress
+bar) through :class:`PackedTasks`, which carries queries and support in one tensor.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.stats import rankdata
+from torch import nn
+
+from nwflow.data.toy import gaussian_mixture, spherical_shells
+from nwflow.empirical import exact_matmul
+from nwflow.models.mlp import TimeEmbedding
+from nwflow.solvers import integrate
+from nwflow.train import train_velocity
+
+__all__ = [
+    "TaskConfig",
+    "sample_tasks",
+    "support_logits",
+    "support_posterior",
+    "support_velocity",
+    "SupportConditionedVelocity",
+    "PackedTasks",
+    "flow_matching_batch",
+    "train_conditioner",
+    "sample_field",
+    "fm_error_over_t",
+    "rank_correlation",
+]
+
+FAMILIES = ("mixture", "shells")
+
+
+# -- tasks ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TaskConfig:
+    """The distribution over tasks (a "meta-distribution") and the sizes of one training task.
+
+    - ``dim``: ambient dimension d; ``support_size``: m; ``query_size``: points x1 ~ P per
+      task and training step.
+    - ``families``: task kinds drawn uniformly: ``"mixture"`` (k ~ U{min..max_components}
+      components, means uniform on a sphere of radius ~ U[mean_radius], per-component scale
+      ~ U[component_scale], anisotropy ~ U[1, max_anisotropy] with random orientation) and
+      ``"shells"`` (k ~ U{min..max_shells} concentric spheres with radii ~ U[shell_radius],
+      isotropic noise ``shell_noise``).
+    """
+
+    dim: int = 8
+    support_size: int = 50
+    query_size: int = 64
+    families: tuple[str, ...] = FAMILIES
+    min_components: int = 2
+    max_components: int = 8
+    mean_radius: tuple[float, float] = (2.0, 5.0)
+    component_scale: tuple[float, float] = (0.3, 1.0)
+    max_anisotropy: float = 4.0
+    min_shells: int = 2
+    max_shells: int = 5
+    shell_radius: tuple[float, float] = (1.0, 5.0)
+    shell_noise: float = 0.3
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "support_size", "query_size", "min_components", "max_components",
+                     "min_shells", "max_shells"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.min_components > self.max_components or self.min_shells > self.max_shells:
+            raise ValueError("min_components/min_shells must not exceed max_components/max_shells")
+        fams = tuple(self.families)
+        if not fams or any(f not in FAMILIES for f in fams):
+            raise ValueError(f"families must be a non-empty subset of {FAMILIES}, got {self.families!r}")
+        object.__setattr__(self, "families", fams)
+        for name in ("mean_radius", "component_scale", "shell_radius"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi:
+                raise ValueError(f"{name} must be (low, high) with 0 < low <= high, got {(lo, hi)}")
+            object.__setattr__(self, name, (float(lo), float(hi)))
+        if not self.max_anisotropy >= 1.0:
+            raise ValueError(f"max_anisotropy must be >= 1, got {self.max_anisotropy}")
+        if not self.shell_noise >= 0.0:
+            raise ValueError(f"shell_noise must be >= 0, got {self.shell_noise}")
+
+
+def _uniform(g: torch.Generator, lo: float, hi: float) -> float:
+    return lo + (hi - lo) * float(torch.rand((), generator=g, dtype=torch.float64))
+
+
+def _randint(g: torch.Generator, lo: int, hi: int) -> int:
+    return int(torch.randint(lo, hi + 1, (), generator=g))
+
+
+def _one_task(config: TaskConfig, family: str, n: int, g: torch.Generator) -> torch.Tensor:
+    d = config.dim
+    if family == "mixture":
+        k = _randint(g, config.min_components, config.max_components)
+        return gaussian_mixture(n, d, k=k, layout="random", radius=_uniform(g, *config.mean_radius),
+                                scales=_uniform(g, *config.component_scale),
+                                anisotropy=_uniform(g, 1.0, config.max_anisotropy), generator=g)
+    k = _randint(g, config.min_shells, config.max_shells)
+    radii = sorted(_uniform(g, *config.shell_radius) for _ in range(k))
+    return spherical_shells(n, d, radii=radii, noise=config.shell_noise, generator=g)
+
+
+def sample_tasks(config: TaskConfig, n_tasks: int, n_heldout: int, generator: torch.Generator,
+                 family: str | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Draw ``n_tasks`` tasks; from each, a support and ``n_heldout`` fresh points.
+
+    Returns ``(support (T, m, d), heldout (T, n_heldout, d), families)`` in float32. The
+    family of each task is drawn uniformly from ``config.families`` unless ``family`` fixes
+    it. Deterministic given the generator's state.
+    """
+    if not isinstance(config, TaskConfig):
+        raise TypeError(f"config must be a TaskConfig, got {type(config).__name__}")
+    for name, value in (("n_tasks", n_tasks), ("n_heldout", n_heldout)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if family is not None and family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES} or None, got {family!r}")
+    m = config.support_size
+    supports, heldouts, fams = [], [], []
+    for _ in range(n_tasks):
+        fam = family or config.families[_randint(generator, 0, len(config.families) - 1)]
+        pts = _one_task(config, fam, m + n_heldout, generator)
+        supports.append(pts[:m])
+        heldouts.append(pts[m:])
+        fams.append(fam)
+    return torch.stack(supports), torch.stack(heldouts), fams
+
+
+# -- the exact head, batched over tasks ----------------------------------------------------
+def _time(t: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """t as a (T, N) float64 tensor for queries x of shape (T, N, d)."""
+    T, N = x.shape[:2]
+    tt = torch.as_tensor(t, dtype=torch.float64, device=x.device)
+    if tt.dim() == 0:
+        tt = tt.expand(T, N)
+    elif tt.shape == (T,):
+        tt = tt[:, None].expand(T, N)
+    elif tt.shape != (T, N):
+        raise ValueError(f"t must be a number, or have shape ({T},) or ({T}, {N}), got {tuple(tt.shape)}")
+    if not bool(torch.isfinite(tt).all()) or float(tt.min()) < 0 or float(tt.max()) > 1:
+        raise ValueError("t must lie in [0, 1]")
+    return tt
+
+
+def _check_pair(x: torch.Tensor, support: torch.Tensor) -> None:
+    for name, v in (("x", x), ("support", support)):
+        if not isinstance(v, torch.Tensor) or not torch.is_floating_point(v) or v.dim() != 3:
+            raise TypeError(f"{name} must be a floating-point (T, *, d) torch.Tensor")
+    if x.shape[0] != support.shape[0] or x.shape[2] != support.shape[2]:
+        raise ValueError(f"x {tuple(x.shape)} and support {tuple(support.shape)} must share T and d")
+    if support.shape[1] == 0:
+        raise ValueError("support is empty (m = 0)")
+
+
+def support_logits(x: torch.Tensor, t: float | torch.Tensor, support: torch.Tensor,
+                   sigma_min: float = 0.0) -> torch.Tensor:
+    r"""Posterior logits l_j = -||x - t s_j||^2 / (2 sigma_t^2) per task, (T, N, m), float64.
+
+    ``x`` (T, N, d) queries, ``support`` (T, m, d), ``t`` a number, (T,) or (T, N).
+    Computed as (2 t <x, s_j> - t^2 ||s_j||^2 - ||x||^2) / (2 sigma_t^2) in float64, so
+    the value is accurate even where 1 / sigma_t^2 is large. Requires sigma_t > 0.
+    """
+    _check_pair(x, support)
+    tt = _time(t, x)
+    s = 1.0 - (1.0 - sigma_min) * tt
+    if float(s.min()) <= 0:
+        raise ValueError("sigma_t = 0 (t = 1 with sigma_min = 0): the posterior is singular")
+    x64, s64 = x.double(), support.double()
+    with exact_matmul():
+        cross = torch.bmm(x64, s64.transpose(1, 2))                          # (T, N, m)
+    sq = (2 * tt[..., None] * cross - tt[..., None] ** 2 * s64.square().sum(-1)[:, None, :]
+          - x64.square().sum(-1)[..., None])
+    return sq / (2 * s[..., None] ** 2)
+
+
+def support_posterior(x: torch.Tensor, t: float | torch.Tensor, support: torch.Tensor,
+                      sigma_min: float = 0.0) -> torch.Tensor:
+    """Posterior weights w_j(x, t | S) = softmax_j(l_j), (T, N, m) float64; see :func:`support_logits`."""
+    return torch.softmax(support_logits(x, t, support, sigma_min), dim=-1)
+
+
+def support_velocity(x: torch.Tensor, t: float | torch.Tensor, support: torch.Tensor,
+                     sigma_min: float = 0.0) -> torch.Tensor:
+    r"""The exact (plug-in) field of each task's support, u = (m_NW - (1 - sigma_min) x) / sigma_t.
+
+    The batched form of :func:`nwflow.velocity` (one support per task): ``x`` (T, N, d),
+    ``support`` (T, m, d), ``t`` a number, (T,) or (T, N). Returns (T, N, d) in x's dtype.
+    """
+    tt = _time(t, x)
+    w = support_posterior(x, tt, support, sigma_min)
+    mean = torch.bmm(w, support.double())
+    s = 1.0 - (1.0 - sigma_min) * tt
+    return ((mean - (1.0 - sigma_min) * x.double()) / s[..., None]).to(x.dtype)
+
+
+# -- the learned field ---------------------------------------------------------------------
+class CrossAttention(nn.Module):
+    """Multi-head cross-attention of queries (T, N, W) on support tokens (T, m, W).
+
+    ``forward`` returns the attended values (T, N, W) and the logits q k^T / sqrt(d_head),
+    (T, heads, N, m), so the chapter can compare them with the Nadaraya-Watson logits.
+    """
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} must be divisible by heads {heads}")
+        self.heads = heads
+        self.q = nn.Linear(width, width)
+        self.k = nn.Linear(width, width)
+        self.v = nn.Linear(width, width)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, h: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        T, N, W = h.shape
+        dh = W // self.heads
+
+        def split(a: torch.Tensor) -> torch.Tensor:
+            return a.reshape(T, a.shape[1], self.heads, dh).transpose(1, 2)
+
+        q, k, v = split(self.q(h)), split(self.k(s)), split(self.v(s))
+        logits = q @ k.transpose(-1, -2) / math.sqrt(dh)                   # (T, H, N, m)
+        attended = torch.softmax(logits, dim=-1) @ v                         # (T, H, N, dh)
+        return self.out(attended.transpose(1, 2).reshape(T, N, W)), logits
+
+
+class _Layer(nn.Module):
+    """Pre-norm residual block: h + attn(LN h, S), then h + FFN(LN h)."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = CrossAttention(width, heads)
+        self.norm2 = nn.LayerNorm(width)
+        self.ffn = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, h: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a, logits = self.attn(self.norm1(h), s)
+        h = h + a
+        return h + self.ffn(self.norm2(h)), logits
+
+
+class SupportConditionedVelocity(nn.Module):
+    r"""A learned support-conditioned velocity v_theta(x, t | S) built from cross-attention.
+
+    ``SupportConditionedVelocity(dim, width=64, heads=4, layers=2, time_dim=32,
+    exact_head=True, sigma_min=0.01)``
+
+    - queries: h_0 = MLP([x, embed(t)]) (width ``width``); support tokens: MLP(s_j);
+    - ``layers`` pre-norm blocks of ``heads``-head cross-attention (queries attend to the
+      support) and a feed-forward layer;
+    - output: MLP([LN(h_L), e]) -> R^d, where e = sigma_t u_NW(x, t | S) = m_NW - (1 - sigma_min) x
+      is the exact head's bounded numerator when ``exact_head`` is True (else absent).
+
+    ``forward(x, t, support)``: ``x`` (T, N, d), ``t`` a number, (T,) or (T, N) in [0, 1],
+    ``support`` (T, m, d) -> velocity (T, N, d). :meth:`attention_logits` returns each
+    layer's logits (T, heads, N, m).
+    """
+
+    def __init__(self, dim: int, width: int = 64, heads: int = 4, layers: int = 2, time_dim: int = 32,
+                 exact_head: bool = True, sigma_min: float = 0.01) -> None:
+        super().__init__()
+        for name, value in (("dim", dim), ("width", width), ("heads", heads), ("layers", layers)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(sigma_min, numbers.Real) or not 0.0 < sigma_min < 1.0:
+            # sigma_min > 0 keeps the exact head finite at t = 1, where samplers end.
+            raise ValueError(f"sigma_min must lie in (0, 1), got {sigma_min!r}")
+        self.dim, self.exact_head, self.sigma_min = dim, bool(exact_head), float(sigma_min)
+        self.embed = TimeEmbedding(time_dim)
+        self.query_in = nn.Sequential(nn.Linear(dim + time_dim, width), nn.GELU(), nn.Linear(width, width))
+        self.support_in = nn.Sequential(nn.Linear(dim, width), nn.GELU(), nn.Linear(width, width))
+        self.blocks = nn.ModuleList([_Layer(width, heads) for _ in range(layers)])
+        self.norm = nn.LayerNorm(width)
+        extra = dim if self.exact_head else 0
+        self.head = nn.Sequential(nn.Linear(width + extra, width), nn.GELU(), nn.Linear(width, dim))
+
+    def _run(self, x: torch.Tensor, t: float | torch.Tensor, support: torch.Tensor
+             ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        _check_pair(x, support)
+        if x.shape[2] != self.dim:
+            raise ValueError(f"x must have {self.dim} features, got shape {tuple(x.shape)}")
+        tt = _time(t, x)
+        T, N, d = x.shape
+        temb = self.embed(tt.reshape(-1).to(x.dtype)).reshape(T, N, -1)
+        h = self.query_in(torch.cat([x, temb], dim=-1))
+        s = self.support_in(support)
+        all_logits = []
+        for block in self.blocks:
+            h, logits = block(h, s)
+            all_logits.append(logits)
+        feats = self.norm(h)
+        if self.exact_head:
+            with torch.no_grad():  # the head has no parameters; its input x needs no gradient
+                w = support_posterior(x, tt, support, self.sigma_min)
+                e = (torch.bmm(w, support.double()) - (1.0 - self.sigma_min) * x.double()).to(x.dtype)
+            feats = torch.cat([feats, e], dim=-1)
+        return self.head(feats), all_logits
+
+    def forward(self, x: torch.Tensor, t: float | torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+        return self._run(x, t, support)[0]
+
+    def attention_logits(self, x: torch.Tensor, t: float | torch.Tensor, support: torch.Tensor
+                         ) -> list[torch.Tensor]:
+        """Cross-attention logits of every layer, each (T, heads, N, m)."""
+        return self._run(x, t, support)[1]
+
+
+class PackedTasks(nn.Module):
+    """``model(x, t)`` form of a support-conditioned field, for :func:`nwflow.train.train_velocity`.
+
+    ``forward(packed, t)``: ``packed`` (T, N + m, d) holds the N queries of each task followed
+    by its m support points; ``t`` is (T, N), which fixes N. Returns the velocity (T, N, d).
+    """
+
+    def __init__(self, field: SupportConditionedVelocity) -> None:
+        super().__init__()
+        self.field = field
+
+    def forward(self, packed: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        n = t.shape[1]
+        return self.field(packed[:, :n], t, packed[:, n:])
+
+
+def flow_matching_batch(config: TaskConfig, n_tasks: int, generator: torch.Generator,
+                        sigma_min: float = 0.01) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""One flow-matching batch over ``n_tasks`` random tasks, packed for :class:`PackedTasks`.
+
+    Per task: a support S (m points) and N = ``config.query_size`` fresh x1 ~ P, x0 ~ N(0, I),
+    t ~ U[0, 1), x_t = sigma_t x0 + t x1. Returns ``(packed (T, N + m, d) = [x_t; S],
+    t (T, N), target (T, N, d) = x1 - (1 - sigma_min) x0)``.
+    """
+    support, x1, _ = sample_tasks(config, n_tasks, config.query_size, generator)
+    x0 = torch.randn(x1.shape, generator=generator)
+    t = torch.rand(x1.shape[:2], generator=generator)
+    s = 1.0 - (1.0 - sigma_min) * t
+    xt = s[..., None] * x0 + t[..., None] * x1
+    return torch.cat([xt, support], dim=1), t, x1 - (1.0 - sigma_min) * x0
+
+
+def train_conditioner(model: SupportConditionedVelocity, config: TaskConfig, steps: int,
+                      n_tasks: int = 16, lr: float = 1e-3, seed: int = 0,
+                      checkpoint: str | os.PathLike | None = None, progress: bool = True,
+                      ) -> dict[str, list[float]]:
+    """Train ``model`` by flow matching over random tasks with :func:`nwflow.train.train_velocity`.
+
+    Each step draws ``n_tasks`` tasks from ``config`` (:func:`flow_matching_batch`). The
+    checkpoint (atomic, resumable) records the task and model configuration, so a resumed
+    run must use the same ones. Returns the loss history ``{"step": [...], "loss": [...]}``.
+    """
+    if not isinstance(model, SupportConditionedVelocity):
+        raise TypeError(f"model must be a SupportConditionedVelocity, got {type(model).__name__}")
+    if model.dim != config.dim:
+        raise ValueError(f"model.dim = {model.dim} but config.dim = {config.dim}")
+    run_config: dict[str, Any] = {"task": asdict(config), "n_tasks": n_tasks, "lr": lr, "seed": seed,
+                                  "exact_head": model.exact_head, "sigma_min": model.sigma_min,
+                                  "parameters": sum(p.numel() for p in model.parameters())}
+
+    device = next(model.parameters()).device
+
+    def batch_fn(step: int, generator: torch.Generator):
+        # Tasks are drawn on the CPU (reproducible for any device), then moved.
+        return tuple(a.to(device) for a in flow_matching_batch(config, n_tasks, generator, model.sigma_min))
+
+    return train_velocity(PackedTasks(model), batch_fn, steps, lr=lr, seed=seed, checkpoint=checkpoint,
+                          config=run_config, progress=progress, desc="conditioner")
+
+
+# -- evaluation ----------------------------------------------------------------------------
+@torch.no_grad()
+def sample_field(field, support: torch.Tensor, n: int, generator: torch.Generator, steps: int = 100
+                 ) -> torch.Tensor:
+    """Samples of a support-conditioned field: Euler from x0 ~ N(0, I) at t = 0 to t = 1.
+
+    ``field(x (T, n, d), t (0-d), support (T, m, d))`` is a learned model or
+    ``lambda x, t, s: support_velocity(x, t, s, sigma_min)``. The field is evaluated at
+    t_k = k / steps, k < steps (never at t = 1). Returns (T, n, d).
+    """
+    x0 = torch.randn((support.shape[0], n, support.shape[2]), generator=generator).to(support.device)
+    return integrate(lambda x, t: field(x, t, support), x0, steps=steps, method="euler")
+
+
+@torch.no_grad()
+def fm_error_over_t(field, support: torch.Tensor, heldout: torch.Tensor, times: list[float],
+                    generator: torch.Generator, sigma_min: float = 0.01) -> np.ndarray:
+    r"""Held-out flow-matching error per time, E ||v(x_t, t | S) - (x1 - (1 - sigma_min) x0)||^2.
+
+    x1 are held-out points of each task (not in the support), x0 fresh noise. Its excess over
+    the population field's value is E ||v - u_P||^2 (the conditional target's variance does
+    not depend on v), so differences between fields are differences in velocity error.
+    Returns (len(times),) averaged over tasks and points (sum over coordinates).
+    """
+    out = []
+    for t in times:
+        x0 = torch.randn(heldout.shape, generator=generator).to(heldout.device)
+        xt = (1.0 - (1.0 - sigma_min) * t) * x0 + t * heldout
+        target = heldout - (1.0 - sigma_min) * x0
+        v = field(xt, torch.tensor(t, device=heldout.device), support)
+        out.append(float((v - target).square().sum(-1).mean()))
+    return np.array(out)
+
+
+def rank_correlation(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Spearman's rho between the last axes of ``a`` and ``b`` (broadcast), row by row.
+
+    Ranks with ties averaged (as :func:`scipy.stats.spearmanr`), then Pearson correlation of
+    the ranks. Returns the broadcast leading shape; rows with constant ranks give NaN.
+    """
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    ra = rankdata(a, axis=-1)
+    rb = rankdata(b, axis=-1)
+    ra, rb = np.broadcast_arrays(ra, rb)
+    ra = ra - ra.mean(-1, keepdims=True)
+    rb = rb - rb.mean(-1, keepdims=True)
+    den = np.sqrt((ra * ra).sum(-1) * (rb * rb).sum(-1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (ra * rb).sum(-1) / den

@@ -1,0 +1,1 @@
+"""Command-line entry points for the scaled runs; each writes ``book/results/*.json`` with provenance."""
