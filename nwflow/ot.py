@@ -1,0 +1,207 @@
+r"""Minibatch optimal-transport couplings and OT conditional flow matching (OT-CFM).
+
+Book: Part II, chapter 7 (``book/part2_papers/07_proximal_ot_cfm``).
+
+OT-CFM (Tong et al. 2024; Pooladian et al. 2023) pairs a minibatch of noise x0 with a
+minibatch of data x1 by the optimal transport plan for the squared Euclidean cost,
+
+    P* = argmin_{P in U(a, b)} sum_ij P_ij ||x0_i - x1_j||^2,
+    U(a, b) = {P >= 0 : P 1 = a, P^T 1 = b},                                       (OT)
+
+computed exactly by POT's network simplex (``ot.emd``) or, as an option, with entropic
+regularisation (``ot.sinkhorn``, stabilised). Pairs drawn from P* are trained on the path
+x_t = sigma_t x0 + t x1 with the conditional target x1 - (1 - sigma_min) x0
+(:mod:`nwflow.path`). As the batch grows, the pairs approach the population OT coupling,
+whose field is the proximal one of :mod:`nwflow.proximal`.
+
+Minibatches of a finite data set repeat points: :func:`ot_pairs` solves the problem against
+the distinct points with their multiplicities (the same optimum, a much smaller LP: a
+minibatch of 4096 against 32 distinct points is a 4096 x 32 problem, not 4096 x 4096).
+POT's warnings are turned into errors here, so nothing reaches stderr.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+
+import numpy as np
+import torch
+
+from nwflow._checks import check_float_tensor, check_sigma_min
+from nwflow.path import conditional_velocity, sample_xt
+
+__all__ = ["squared_distances", "ot_plan", "ot_pairs", "ot_cfm_batch", "pair_field"]
+
+METHODS = ("exact", "sinkhorn")
+
+
+def _batch(x: object, name: str) -> torch.Tensor:
+    x = check_float_tensor(x, name)
+    if x.dim() != 2 or x.shape[0] == 0:
+        raise ValueError(f"{name} must have shape (B, D) with B >= 1, got {tuple(x.shape)}")
+    return x
+
+
+def _pair_shapes(x0: torch.Tensor, x1: torch.Tensor) -> None:
+    if x0.shape[1] != x1.shape[1]:
+        raise ValueError(f"x0 and x1 must have the same dimension D, got {x0.shape[1]} and {x1.shape[1]}")
+    if x0.device != x1.device:
+        raise ValueError(f"x0 is on {x0.device} but x1 is on {x1.device}")
+
+
+def _positive_real(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    if not value > 0 or not math.isfinite(value):
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _marginal(m: object, size: int, name: str) -> np.ndarray:
+    if m is None:
+        return np.full(size, 1.0 / size)
+    m = check_float_tensor(m, name)
+    if m.shape != (size,) or bool((m < 0).any()) or float(m.sum()) <= 0:
+        raise ValueError(f"{name} must be a non-negative ({size},) tensor with a positive sum")
+    arr = m.detach().to(torch.float64).cpu().numpy()
+    return arr / arr.sum()
+
+
+def squared_distances(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
+    """Cost matrix C_ij = ||x0_i - x1_j||^2 in float64, (B0, B1), never negative.
+
+    Formed as ||x0||^2 + ||x1||^2 - 2 <x0, x1> (no (B0, B1, D) block) and clamped at 0.
+    Chapter 7.
+    """
+    a = _batch(x0, "x0").to(torch.float64)
+    b = _batch(x1, "x1").to(torch.float64)
+    _pair_shapes(a, b)
+    c = a.square().sum(1)[:, None] + b.square().sum(1)[None, :] - 2.0 * a @ b.T
+    return c.clamp_min_(0.0)
+
+
+def ot_plan(x0: torch.Tensor, x1: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor | None = None,
+            method: str = "exact", reg: float = 0.05, max_iter: int | None = None,
+            tol: float = 1e-7) -> torch.Tensor:
+    r"""The OT plan P (B0, B1) between sum_i a_i delta_{x0_i} and sum_j b_j delta_{x1_j}, eq. (OT).
+
+    - ``method="exact"``: network simplex (``ot.emd``); the plan is a vertex of U(a, b), so
+      for uniform a, b of equal size it is a permutation matrix / B.
+    - ``method="sinkhorn"``: the entropic plan argmin <P, C> - reg H(P) with the cost C
+      divided by its mean (so ``reg`` is dimensionless); stabilised (log-absorbing) iterations.
+    - ``a``, ``b``: non-negative weights (normalised here); uniform when None.
+    - ``max_iter``: solver iterations; None means 10^6 (exact) or 10^5 (Sinkhorn).
+    - ``tol``: Sinkhorn stops when the marginal violation (POT's ``err``) is below it.
+      Small ``reg`` converges slowly: about 1/reg times more iterations.
+
+    Raises RuntimeError if the solver reports that it did not converge. Returns a float64
+    tensor on x0's device whose rows sum to a and columns to b. Chapter 7.
+    """
+    import ot
+
+    C = squared_distances(x0, x1)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if max_iter is None:
+        max_iter = 1_000_000 if method == "exact" else 100_000
+    if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 1:
+        raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
+    wa = _marginal(a, C.shape[0], "a")
+    wb = _marginal(b, C.shape[1], "b")
+    M = C.cpu().numpy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")       # convergence is checked below instead
+        if method == "exact":
+            P, log = ot.emd(wa, wb, M, numItermax=int(max_iter), log=True)
+            if log.get("result_code", 1) != 1:
+                raise RuntimeError(f"ot.emd did not reach an optimum: {log.get('warning')}")
+        else:
+            reg = _positive_real(reg, "reg")
+            scale = float(M.mean()) or 1.0
+            P, log = ot.sinkhorn(wa, wb, M / scale, reg, method="sinkhorn_stabilized",
+                                 numItermax=int(max_iter), stopThr=float(tol), log=True)
+            err = log["err"][-1] if log.get("err") else math.inf
+            if not err <= tol:
+                raise RuntimeError(f"ot.sinkhorn did not converge (marginal error {err:.2e}); "
+                                   "raise max_iter or reg")
+    return torch.as_tensor(np.asarray(P), dtype=torch.float64, device=x0.device)
+
+
+def ot_pairs(x0: torch.Tensor, x1: torch.Tensor, method: str = "exact", reg: float = 0.05,
+             generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Re-pair two minibatches of equal size B by their OT plan: returns (x0, x1[sigma]).
+
+    Exact: the optimal assignment sigma (every x0_i keeps one partner). Repeated rows of x1
+    (minibatches drawn from a finite data set) are merged first: the plan is solved against
+    the distinct points with their multiplicities as weights; the constraint matrix is
+    totally unimodular, so the vertex optimum still sends each x0_i to a single point and
+    is an optimal assignment of the full problem. Sinkhorn: each x0_i draws its partner from
+    its row of the entropic plan (``generator`` for reproducibility).
+    Shapes: x0, x1 (B, D). Returns two (B, D) tensors in x1's dtype. Chapter 7.
+    """
+    x0 = _batch(x0, "x0")
+    x1 = _batch(x1, "x1")
+    _pair_shapes(x0, x1)
+    if x0.shape[0] != x1.shape[0]:
+        raise ValueError(f"x0 and x1 must hold the same number of points, "
+                         f"got {x0.shape[0]} and {x1.shape[0]}")
+    if method == "exact":
+        atoms, counts = torch.unique(x1, dim=0, return_counts=True)
+        P = ot_plan(x0, atoms, b=counts.to(torch.float64), method="exact")
+        partner = P.argmax(dim=1)
+        # the vertex optimum is integral: each row carries its whole mass 1/B to one atom
+        if not torch.allclose(P.max(dim=1).values, torch.full_like(P[:, 0], 1.0 / x0.shape[0]),
+                              rtol=1e-9, atol=0.0):
+            raise RuntimeError("ot_pairs: the exact plan split a row; it is not an assignment")
+        return x0, atoms[partner].to(x1.dtype)
+    P = ot_plan(x0, x1, method=method, reg=reg)
+    partner = torch.multinomial(P.cpu().clamp_min(0.0), 1, generator=generator)[:, 0].to(x1.device)
+    return x0, x1[partner]
+
+
+def ot_cfm_batch(x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, sigma_min: float = 0.0,
+                 method: str = "exact", reg: float = 0.05, generator: torch.Generator | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""One OT-CFM training batch: pair by OT, then x_t = sigma_t x0 + t x1 and the target
+    u = x1 - (1 - sigma_min) x0 (the straight path's velocity).
+
+    Shapes: x0, x1 (B, D) (noise and data minibatches), t (B,) in [0, 1].
+    Returns (x_t (B, D), target (B, D)). Chapter 7.
+    """
+    check_sigma_min(sigma_min)
+    a, b = ot_pairs(x0, x1, method=method, reg=reg, generator=generator)
+    return sample_xt(a, b, t, sigma_min), conditional_velocity(a, b, sigma_min)
+
+
+def pair_field(x: torch.Tensor, t: float, x0: torch.Tensor, x1: torch.Tensor, sigma: float) -> torch.Tensor:
+    r"""The marginal field of a finite set of pairs on Gaussian tubes (OT-CFM with constant sigma).
+
+    With pairs (x0_i, x1_i), i = 1..M, and x_t ~ N((1 - t) x0_i + t x1_i, sigma^2 I) for a
+    uniformly chosen pair i, the exact marginal velocity is a kernel smoother over the pairs:
+
+        v(x, t) = sum_i w_i (x1_i - x0_i),
+        w_i = softmax_i( -||x - (1 - t) x0_i - t x1_i||^2 / (2 sigma^2) ).
+
+    Fed with minibatch-OT pairs, this is the field a network trained by OT-CFM on those pairs
+    converges to; as the pairs approach the OT coupling and sigma -> 0 it becomes the
+    proximal field. Shapes: x (B, D), x0, x1 (M, D); t in [0, 1]; sigma > 0.
+    Returns (B, D) in x's dtype (computed in float64). Chapter 7.
+    """
+    x = _batch(x, "x")
+    x0 = _batch(x0, "x0")
+    x1 = _batch(x1, "x1")
+    _pair_shapes(x0, x1)
+    _pair_shapes(x, x0)
+    if x0.shape != x1.shape:
+        raise ValueError(f"x0 and x1 must have the same shape, got {tuple(x0.shape)} and {tuple(x1.shape)}")
+    if isinstance(t, bool) or not isinstance(t, numbers.Real) or not 0.0 <= t <= 1.0:
+        raise ValueError(f"t must be a number in [0, 1], got {t!r}")
+    sigma = _positive_real(sigma, "sigma")
+    a = x0.to(torch.float64)
+    b = x1.to(torch.float64)
+    centres = (1.0 - t) * a + t * b
+    # -||x - c_i||^2 / (2 s^2) up to a per-row constant: two GEMMs, no (B, M, D) block
+    logits = (x.to(torch.float64) @ centres.T - 0.5 * centres.square().sum(1)) / sigma**2
+    return (torch.softmax(logits, dim=1) @ (b - a)).to(x.dtype)
