@@ -62,6 +62,7 @@ __all__ = [
     "pair_batch_fn",
     "pair_weights",
     "pair_velocity",
+    "pair_separation",
     "pair_loss",
     "prediction_gradient_variance",
     "parameter_gradient_variance",
@@ -291,8 +292,9 @@ def pair_weights(x: torch.Tensor, t: float | torch.Tensor, x0: torch.Tensor, x1:
     c_i(t) = (1 - t) x0_i + t x1_i. For sigma > 0 they are Part I's posterior weights with the
     centres as the support, evaluated at tau = 1 / (1 + sigma) on the rescaled query tau x
     (there h(tau) = sigma, so -||tau x - tau c_i||^2 / (2 (1 - tau)^2) = -||x - c_i||^2 / (2 sigma^2));
-    the streaming, exact engine of :mod:`nwflow.empirical` does the softmax. A (B,) ``t`` with
-    several values is handled one distinct value at a time (the centres move with t).
+    the exact engine of :mod:`nwflow.empirical` does the softmax when all rows share one t. A
+    (B,) ``t`` with several values moves every row's centres differently; those logits are
+    formed in float64 in the expanded two-GEMM form (same formula, no (B, N, D) block).
     sigma = 0 is the limit: the one-hot weight of the nearest centre (ties: the lowest index).
     Shapes: x (B, *S), x0 and x1 (N, *S). Chapter 8, eq. (pair field).
     """
@@ -307,19 +309,38 @@ def pair_weights(x: torch.Tensor, t: float | torch.Tensor, x0: torch.Tensor, x1:
     tt = check_time(t, batch=x.shape[0], dtype=torch.float64, device=x.device, name="t")
     xf = x.reshape(x.shape[0], -1)
     a, b = x0.reshape(x0.shape[0], -1), x1.reshape(x1.shape[0], -1)
-    w = torch.empty(x.shape[0], a.shape[0], dtype=x.dtype, device=x.device)
-    tau = 1.0 / (1.0 + sigma)
-    for value in torch.unique(tt):
-        rows = (tt == value).nonzero()[:, 0]
-        s = float(value)
+    if x.shape[0] == 0:
+        return torch.empty(0, a.shape[0], dtype=x.dtype, device=x.device)
+    if bool((tt == tt[0]).all()):
+        s = float(tt[0])
         centres = (1.0 - s) * a + s * b
-        if sigma == 0.0:
-            with exact_matmul():
-                dist = torch.cdist(xf[rows].double(), centres.double())
-            w[rows] = nn.functional.one_hot(dist.argmin(dim=1), a.shape[0]).to(x.dtype)
-        else:
-            w[rows] = posterior_weights(tau * xf[rows], tau, centres, sigma_min=0.0)
-    return w
+        if sigma > 0.0:
+            tau = 1.0 / (1.0 + sigma)
+            return posterior_weights(tau * xf, tau, centres, sigma_min=0.0)
+        with exact_matmul():
+            sq = torch.cdist(xf.double(), centres.double()).square()
+    else:
+        sq = _moving_centre_distances(xf, tt, a, b)
+    if sigma == 0.0:
+        return nn.functional.one_hot(sq.argmin(dim=1), a.shape[0]).to(x.dtype)
+    return torch.softmax(-sq / (2.0 * sigma**2), dim=1).to(x.dtype)
+
+
+def _moving_centre_distances(xf: torch.Tensor, tt: torch.Tensor, a: torch.Tensor,
+                             b: torch.Tensor) -> torch.Tensor:
+    """||x_r - c_i(t_r)||^2 for per-row times, (B, N), float64, in the two-GEMM form.
+
+    With d_i = b_i - a_i: ||x - a_i - t d_i||^2 = ||x||^2 - 2 <x, a_i> - 2 t <x, d_i>
+    + ||a_i||^2 + 2 t <a_i, d_i> + t^2 ||d_i||^2, so no (B, N, D) block is formed even though
+    every row sees its own centres.
+    """
+    x64, a64 = xf.double(), a.double()
+    d64 = b.double() - a64
+    t = tt[:, None]
+    with exact_matmul():
+        sq = (x64.square().sum(1, keepdim=True) - 2.0 * (x64 @ a64.T) - 2.0 * t * (x64 @ d64.T)
+              + a64.square().sum(1) + 2.0 * t * (a64 * d64).sum(1) + t.square() * d64.square().sum(1))
+    return sq.clamp_min_(0.0)
 
 
 def pair_velocity(x: torch.Tensor, t: float | torch.Tensor, x0: torch.Tensor, x1: torch.Tensor,
@@ -339,6 +360,37 @@ def pair_velocity(x: torch.Tensor, t: float | torch.Tensor, x0: torch.Tensor, x1
     with exact_matmul():
         v = w.double() @ d.double()
     return v.to(x.dtype).reshape(x.shape)
+
+
+def pair_separation(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
+    r"""How close each pair's line comes to another pair's line *at the same time*, (N,):
+
+        delta_i = min_{j != i} min_{t in [0, 1]} ||c_i(t) - c_j(t)||,   c_i(t) = (1 - t) x0_i + t x1_i.
+
+    ||c_i - c_j||^2 = ||Da||^2 + 2 t <Da, Dd> + t^2 ||Dd||^2 with Da = x0_i - x0_j and
+    Dd = d_i - d_j is a quadratic in t, minimised at t* = clip(-<Da, Dd> / ||Dd||^2, 0, 1);
+    the three inner products come from (N, N) Gram matrices in float64, never an (N, N, D)
+    block. The pair field of noise sigma keeps pair i on its own line (memorises it) while
+    sigma << delta_i, and averages it with its neighbour where sigma >~ delta_i. Lines that
+    cross in space at *different* times do not count: in space-time they stay apart.
+    Shapes: x0, x1 (N, *S) with N >= 2; returns x0's dtype. Chapter 8.
+    """
+    x0, x1 = _check_pairs(x0, x1)
+    if x0.shape[0] < 2:
+        raise ValueError("pair_separation needs at least 2 pairs")
+    a = x0.reshape(x0.shape[0], -1).double()
+    d = x1.reshape(x1.shape[0], -1).double() - a
+    with exact_matmul():
+        gaa, gad, gdd = a @ a.T, a @ d.T, d @ d.T
+    na, nd, ad = gaa.diagonal(), gdd.diagonal(), gad.diagonal()
+    sq_a = na[:, None] + na[None, :] - 2.0 * gaa
+    cross = ad[:, None] + ad[None, :] - gad - gad.T
+    sq_d = (nd[:, None] + nd[None, :] - 2.0 * gdd).clamp_min(0.0)
+    # Parallel lines (sq_d = 0) keep a constant distance: any t, take 0.
+    t_star = torch.where(sq_d > 0, -cross / torch.where(sq_d > 0, sq_d, 1.0), 0.0).clamp(0.0, 1.0)
+    dist2 = (sq_a + 2.0 * t_star * cross + t_star.square() * sq_d).clamp_min(0.0)
+    dist2.fill_diagonal_(math.inf)
+    return dist2.min(dim=1).values.sqrt().to(x0.dtype)
 
 
 # -- losses and gradient variance -----------------------------------------------------

@@ -330,3 +330,30 @@ def test_parameter_gradient_variance_matches_a_loop_of_backward_passes():
     assert got == pytest.approx(ref, rel=1e-10)
     with pytest.raises(TypeError, match="model"):
         rf.parameter_gradient_variance(lambda x, s: x, x0, x1, t)
+
+
+def test_pair_separation_matches_brute_force():
+    n, d = 12, 3
+    x0 = torch.randn(n, d, generator=_gen(40), dtype=torch.float64)
+    x1 = torch.randn(n, d, generator=_gen(41), dtype=torch.float64)
+    # Two lines that meet at t = 0.25 and one exact duplicate direction (parallel lines).
+    x1[1] = x0[0] + 0.25 * (x1[0] - x0[0]) + 3.0 * (x0[0] + 0.25 * (x1[0] - x0[0]) - x0[1])
+    x0[5], x1[5] = x0[4] + 0.7, x1[4] + 0.7
+    a, b = x0.numpy(), x1.numpy()
+    ts = np.linspace(0.0, 1.0, 200001)
+    ref = np.empty(n)
+    for i in range(n):
+        best = np.inf
+        for j in range(n):
+            if j != i:
+                diff = (a[i] - a[j])[None] + ts[:, None] * ((b[i] - a[i]) - (b[j] - a[j]))[None]
+                best = min(best, np.sqrt((diff**2).sum(1)).min())
+        ref[i] = best
+    got = rf.pair_separation(x0, x1).numpy()
+    np.testing.assert_allclose(got, ref, atol=1e-6)
+    assert got[0] < 1e-7 and got[1] < 1e-7                     # the crossing pair
+    # Two parallel lines alone: a constant distance 0.7 sqrt(3).
+    par = rf.pair_separation(x0[4:6], x1[4:6])
+    torch.testing.assert_close(par, torch.full((2,), 0.7 * math.sqrt(3), dtype=torch.float64))
+    with pytest.raises(ValueError, match="at least 2"):
+        rf.pair_separation(x0[:1], x1[:1])
