@@ -1,5 +1,6 @@
 """Small velocity networks used by the chapters that train models."""
 
 from nwflow.models.mlp import TimeEmbedding, VelocityMLP
+from nwflow.models.unet import UNet
 
-__all__ = ["TimeEmbedding", "VelocityMLP"]
+__all__ = ["TimeEmbedding", "UNet", "VelocityMLP"]
