@@ -109,7 +109,10 @@ def check_query(
     x: object, sample_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, name: str = "x"
 ) -> torch.Tensor:
     """A (B, *S) query matching the support's trailing shape, dtype and device."""
-    x = check_float_tensor(x, name)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not torch.is_floating_point(x):
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     if x.dim() < 1 or tuple(x.shape[1:]) != tuple(sample_shape):
         raise ValueError(
             f"{name} must have shape (B, {', '.join(map(str, sample_shape))}) to match the "
@@ -119,4 +122,4 @@ def check_query(
         raise ValueError(f"{name} is on {x.device} but the support is on {device}")
     if x.dtype != dtype:
         raise TypeError(f"{name} has dtype {x.dtype} but the support has dtype {dtype}")
-    return x
+    return check_float_tensor(x, name)

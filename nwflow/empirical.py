@@ -16,11 +16,25 @@ and from it
     n_eff   = 1 / sum_j w_j^2                       effective number of neighbours.
 
 How it is computed (the exactness and memory guarantees the tests check):
+
 - Two matrix products per chunk of the support: logits = q @ X_c^T and the mean
   P @ X_c; never a (B, n, D) difference tensor.
 - The support is streamed in chunks with an online log-sum-exp (running max, rescaled
   running sums), so the result does not depend on the chunk size and memory is
   O(B D + B chunk). When the whole (B, n) logit block fits the budget there is one chunk.
+- Centring. ||x - t x^(j)|| = ||(x - t c) - t (x^(j) - c)|| for any c, so the logits use
+  the query y = x - t c and the centred key norms ||x^(j) - c||^2 with c the support mean:
+  the weights are unchanged and the numbers summed are smaller when the data sit away
+  from the origin.
+- Exact refinement. Logits scale like 1 / sigma_t^2, and their rounding error in the
+  expanded (matrix-product) form is about eps |t <y, x^(j)>| / sigma_t^2: near t = 1 that is
+  many units, enough to reweigh two nearly equidistant support points. There, though,
+  the weight sits on a handful of points. The pass therefore keeps each row's K largest
+  logits; when every other logit lies so far below the maximum (beyond twice the error
+  bound plus log n + 30) that its weight is negligible at any rounding, the row is
+  recomputed from those K candidates alone in float64 with explicit differences
+  ||x - t x^(j)||^2, which carry no cancellation. Elsewhere the weights are soft, the
+  logits are small and the streamed fp32/fp64 result is already accurate.
 - The per-row coefficients t / sigma_t^2, t^2 / (2 sigma_t^2), 1 / sigma_t are formed in
   float64 from ``t`` and only then cast, so an fp32 run sees the same t as an fp64 one.
 - TF32 (and any reduced-precision fp32 matmul) is switched off inside the computation.
@@ -29,11 +43,13 @@ How it is computed (the exactness and memory guarantees the tests check):
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
-from nwflow._checks import check_float_tensor, check_sigma_min, check_time
+from nwflow._checks import check_query, check_sigma_min, check_time
 
 __all__ = [
     "EmpiricalField",
@@ -49,6 +65,16 @@ __all__ = [
 # Budget for one (B, chunk) logit block. 256 MiB keeps the extra peak memory far below
 # 1 GiB at n = 400,000 while leaving CIFAR-sized problems unchunked.
 DEFAULT_CHUNK_BYTES = 256 * 2**20
+# Candidates per row kept for the exact refinement, and the float64 work-space per block.
+CANDIDATES = 64
+_WIDE_BYTES = 32 * 2**20
+# Safety factor on the rounding-error estimate of a logit (a product of two vectors and
+# one subtraction: a few units of eps times the magnitudes involved).
+_ERROR_FACTOR = 4.0
+# Rows whose logit error bound is below this many eps are accurate as streamed.
+_REFINE_FROM = 16.0
+# A row of an fp32 result whose estimated relative error exceeds this is recomputed in float64.
+_FALLBACK_TOL = 5e-5
 
 
 @contextlib.contextmanager
@@ -56,26 +82,26 @@ def exact_matmul() -> Iterator[None]:
     """Full fp32 precision for matrix products inside the block (no TF32, no bf16 passes).
 
     The logits scale like 1 / sigma_t^2, so a 10-bit-mantissa product near t = 1 would
-    scramble the weights. Restores the caller's settings on exit.
+    scramble the weights. Inside, ``torch.get_float32_matmul_precision()`` is "highest"
+    (on torch >= 2.9 that also sets the per-backend cuBLAS and oneDNN matmul precisions to
+    "ieee"). On exit the caller's settings come back, both the global one and, where torch
+    has them, the per-backend ones (so callers of either API are restored).
     """
-    prev_precision = torch.get_float32_matmul_precision()
-    prev_cuda = torch.backends.cuda.matmul.allow_tf32
-    prev_cudnn = torch.backends.cudnn.allow_tf32
+    backends = [torch.backends.cuda.matmul, getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)]
+    saved = [(b, b.fp32_precision) for b in backends if b is not None and hasattr(b, "fp32_precision")]
     try:
-        if prev_precision != "highest":
-            torch.set_float32_matmul_precision("highest")
-        if prev_cuda:
-            torch.backends.cuda.matmul.allow_tf32 = False
-        if prev_cudnn:
-            torch.backends.cudnn.allow_tf32 = False
+        previous = torch.get_float32_matmul_precision()
+    except RuntimeError:  # backends set apart through the per-backend API: no global value
+        previous = None
+    torch.set_float32_matmul_precision("highest")
+    try:
         yield
     finally:
-        if prev_precision != "highest":
-            torch.set_float32_matmul_precision(prev_precision)
-        if prev_cuda:
-            torch.backends.cuda.matmul.allow_tf32 = prev_cuda
-        if prev_cudnn:
-            torch.backends.cudnn.allow_tf32 = prev_cudnn
+        if previous is not None:
+            torch.set_float32_matmul_precision(previous)
+        for backend, value in saved:
+            if backend.fp32_precision != value:
+                backend.fp32_precision = value
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -83,18 +109,41 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def _squared_norms(X: torch.Tensor) -> torch.Tensor:
-    # A reduction kernel: no (n, D) temporary, unlike (X * X).sum(1).
-    return torch.linalg.vector_norm(X, dim=1).square()
+def _wide_dtype(device: torch.device) -> torch.dtype:
+    # float64 for coefficients and the refinement; MPS has none.
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+@dataclass
+class _Pass:
+    """What one streamed pass over the support returns, per row of the query batch."""
+
+    mean: torch.Tensor | None         # (B, D) posterior mean, compute dtype
+    neff: torch.Tensor | None         # (B,) effective number of neighbours
+    spread: torch.Tensor | None       # (B,) sum_j w_j ||x^(j) - c||^2, for the error estimate
+    row_max: torch.Tensor             # (B,) largest logit
+    cand_logits: torch.Tensor | None  # (B, K) the K largest logits, descending
+    cand_index: torch.Tensor | None   # (B, K) their support indices
+
+
+@dataclass
+class _Exact:
+    """Rows recomputed in the wide dtype (float64)."""
+
+    rows: torch.Tensor                # (r,) row indices into the batch
+    mean: torch.Tensor                # (r, D) posterior mean
+    neff: torch.Tensor                # (r,) effective number of neighbours
+    index: torch.Tensor | None = None    # (r, k) candidate support indices (refined rows)
+    weights: torch.Tensor | None = None  # (r, k) their exact weights; the rest are below eps
 
 
 class EmpiricalField:
-    r"""The closed-form field of one support set, with its key norms cached.
+    r"""The closed-form field of one support set, with its centre and key norms cached.
 
     ``EmpiricalField(support, sigma_min=0.0, chunk_size=None)``
 
     - ``support``: (n, *S) floating tensor (images stay (C, H, W)); flattened internally
-      to (n, D). Kept by reference, not copied, when it is contiguous.
+      to (n, D). Kept by reference, not copied, when it is contiguous fp32/fp64.
     - ``sigma_min``: the path's final noise, in [0, 1).
     - ``chunk_size``: support points per streamed chunk; ``None`` picks one chunk when
       the (B, n) logits fit in ``chunk_bytes`` and streams otherwise. Results do not
@@ -126,21 +175,56 @@ class EmpiricalField:
         if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                        or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-        if not isinstance(chunk_bytes, int) or chunk_bytes < 1:
+        if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
             raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
         self.sigma_min = check_sigma_min(sigma_min)
         self.sample_shape = tuple(support.shape[1:])
         self.input_dtype = support.dtype
         self.dtype = _compute_dtype(support.dtype)
+        self.wide = _wide_dtype(support.device)
         self.device = support.device
         self.support = support.reshape(support.shape[0], -1).to(self.dtype)
         self.chunk_size = chunk_size
         self.chunk_bytes = chunk_bytes
+        self._eps = torch.finfo(self.dtype).eps
         with exact_matmul():
-            self.key_norms = _squared_norms(self.support)  # ||x^(j)||^2, (n,)
-        if not bool(torch.isfinite(self.key_norms).all()):
-            check_float_tensor(support, "support")  # names NaN/inf precisely
-            raise ValueError("support values are too large: their squared norms overflow")
+            self._center_wide, self.key_norms, raw_max = self._centre_and_norms()
+        finite = bool(torch.isfinite(self.key_norms).all()) and math.isfinite(raw_max)
+        # A NaN/inf entry makes its row's norm non-finite; this names it without
+        # allocating an (n, D) mask up front.
+        if not finite and not bool(torch.isfinite(self.support).all()):
+            raise ValueError("support contains NaN or inf")
+        if not finite or not 4.0 * raw_max**2 < torch.finfo(self.dtype).max:
+            raise ValueError(f"support values are too large for {self.dtype}: their squared norms overflow")
+        self.center = self._center_wide.to(self.dtype)
+        # Largest norms, for the rounding-error bound of the logits.
+        self._raw_max = raw_max
+        self._centred_max2 = float(self.key_norms.max())
+
+    def _support_rows(self) -> int:
+        """Support rows per block of the wide-dtype work-space."""
+        return max(1, _WIDE_BYTES // (self.support.shape[1] * 8))
+
+    def _centre_and_norms(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Support mean c (D,) wide, centred squared norms ||x^(j) - c||^2 (n,), max ||x^(j)||.
+
+        Formed block by block (bounded work-space) with the differences taken explicitly,
+        so the norms carry no cancellation.
+        """
+        X, n, D = self.support, self.support.shape[0], self.support.shape[1]
+        rows = self._support_rows()
+        total = torch.zeros(D, dtype=self.wide, device=self.device)
+        raw_max = torch.zeros((), dtype=self.dtype, device=self.device)
+        for s in range(0, n, rows):
+            block = X[s:s + rows]
+            total += block.sum(dim=0, dtype=self.wide)
+            raw_max = torch.maximum(raw_max, torch.linalg.vector_norm(block, dim=1).amax())
+        center = total / n
+        center_c = center.to(self.dtype)
+        norms = torch.empty(n, dtype=self.dtype, device=self.device)
+        for s in range(0, n, rows):
+            norms[s:s + rows] = torch.linalg.vector_norm(X[s:s + rows] - center_c, dim=1).square()
+        return center, norms, float(raw_max)
 
     @property
     def n(self) -> int:
@@ -153,19 +237,8 @@ class EmpiricalField:
 
     # -- input handling -------------------------------------------------------------
     def _query(self, x: torch.Tensor, t: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        check_float_tensor(x, "x")
-        if x.dim() < 1 or tuple(x.shape[1:]) != self.sample_shape:
-            raise ValueError(
-                f"x must have shape (B, {', '.join(map(str, self.sample_shape))}) to match the "
-                f"support's trailing shape {self.sample_shape}, got {tuple(x.shape)}"
-            )
-        if x.device != self.device:
-            raise ValueError(f"x is on {x.device} but the support is on {self.device}")
-        if x.dtype != self.input_dtype:
-            raise TypeError(f"x has dtype {x.dtype} but the support has dtype {self.input_dtype}")
-        # The coefficients are formed in float64 (MPS has none: fp32 there).
-        coef_dtype = torch.float32 if self.device.type == "mps" else torch.float64
-        tt = check_time(t, batch=x.shape[0], dtype=coef_dtype, device=self.device, name="t",
+        check_query(x, self.sample_shape, self.input_dtype, self.device, "x")
+        tt = check_time(t, batch=x.shape[0], dtype=self.wide, device=self.device, name="t",
                         sigma_min=self.sigma_min)
         return x.reshape(x.shape[0], -1).to(self.dtype), tt
 
@@ -178,33 +251,55 @@ class EmpiricalField:
         per_column = max(batch, 1) * self.support.element_size()
         return max(1, min(self.n, self.chunk_bytes // per_column))
 
+    # -- the streamed pass in the compute dtype ---------------------------------------
+    def _scaled_query(self, xf: torch.Tensor, tt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q = t (x - t c) / sigma^2 (B, D) and a = t^2 / (2 sigma^2) (B,)."""
+        s2 = self._sigma(tt).square()
+        y = xf - tt.to(self.dtype)[:, None] * self.center
+        q = y.mul_((tt / s2).to(self.dtype)[:, None])
+        a = (tt.square() / (2.0 * s2)).to(self.dtype)
+        return q, a
+
     def _logits(self, q: torch.Tensor, a: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """Logits q @ X_c^T - a ||X_c||^2 of one chunk, (B, c), computed in place."""
+        """Logits q @ X_c^T - a ||X_c - c||^2 of one chunk, (B, c), computed in place."""
         logits = q @ self.support[start:stop].T
         return logits.addr_(a, self.key_norms[start:stop], alpha=-1.0)
 
-    def _scaled_query(self, xf: torch.Tensor, tt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        s2 = self._sigma(tt).square()
-        q = xf * (tt / s2).to(self.dtype)[:, None]       # t x / sigma^2
-        a = (tt.square() / (2.0 * s2)).to(self.dtype)    # t^2 / (2 sigma^2)
-        return q, a
+    def _error_bound(self, q: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """Bound on the rounding error of each row's logits in the compute dtype, (B,) wide.
 
-    def _stream(self, xf: torch.Tensor, tt: torch.Tensor, want_mean: bool, want_neff: bool):
+        |<q, x^(j)>| <= ||q|| max_j ||x^(j)||, and a ||x^(j) - c||^2 <= a max_j ||x^(j) - c||^2;
+        each is rounded to a few eps of its size.
+        """
+        q_norm = torch.linalg.vector_norm(q, dim=1).to(self.wide)
+        return _ERROR_FACTOR * self._eps * (q_norm * self._raw_max + a.to(self.wide) * self._centred_max2)
+
+    def _stream(self, q: torch.Tensor, a: torch.Tensor, want_mean: bool, want_neff: bool,
+                track: bool) -> _Pass:
         """One pass over the support with an online log-sum-exp.
 
-        Returns (mean (B, D) or None, n_eff (B,) or None).
+        With ``track`` it also keeps each row's K largest logits and the weighted spread
+        sum_j w_j ||x^(j) - c||^2 (one matrix-vector product per chunk).
         """
-        q, a = self._scaled_query(xf, tt)
-        B = xf.shape[0]
+        B = q.shape[0]
         chunk = self._chunk(B)
+        zeros = lambda *shape: torch.zeros(*shape, dtype=self.dtype, device=self.device)  # noqa: E731
         run_max = torch.full((B,), -torch.inf, dtype=self.dtype, device=self.device)
-        run_sum = torch.zeros(B, dtype=self.dtype, device=self.device)
-        run_sq = torch.zeros(B, dtype=self.dtype, device=self.device) if want_neff else None
-        run_num = (torch.zeros(B, self.support.shape[1], dtype=self.dtype, device=self.device)
-                   if want_mean else None)
+        run_sum = zeros(B)
+        run_sq = zeros(B) if want_neff else None
+        run_num = zeros(B, self.support.shape[1]) if want_mean else None
+        run_spread = zeros(B) if track and want_mean and self.wide != self.dtype else None
+        cand_val = cand_idx = None
         for start in range(0, self.n, chunk):
             stop = min(start + chunk, self.n)
             p = self._logits(q, a, start, stop)
+            if track:
+                v, i = torch.topk(p, min(CANDIDATES, stop - start), dim=1)
+                i += start
+                if cand_val is not None:
+                    v, j = torch.topk(torch.cat([cand_val, v], 1), min(CANDIDATES, stop), dim=1)
+                    i = torch.cat([cand_idx, i], 1).gather(1, j)
+                cand_val, cand_idx = v, i
             new_max = torch.maximum(run_max, p.amax(dim=1))
             # exp(old_max - new_max) rescales what was summed so far; the first chunk
             # has old_max = -inf, which gives 0 times an empty sum.
@@ -215,10 +310,129 @@ class EmpiricalField:
                 run_sq.mul_(scale.square()).add_(p.square().sum(dim=1))
             if run_num is not None:
                 run_num.mul_(scale[:, None]).addmm_(p, self.support[start:stop])
+            if run_spread is not None:
+                run_spread.mul_(scale).add_(p @ self.key_norms[start:stop])
             run_max = new_max
-        mean = run_num / run_sum[:, None] if run_num is not None else None
-        neff = run_sum.square() / run_sq if run_sq is not None else None
-        return mean, neff
+        return _Pass(
+            mean=run_num.div_(run_sum[:, None]) if run_num is not None else None,
+            neff=run_sum.square().div_(run_sq) if run_sq is not None else None,
+            spread=run_spread.div_(run_sum) if run_spread is not None else None,
+            row_max=run_max, cand_logits=cand_val, cand_index=cand_idx,
+        )
+
+    # -- exact recomputation of the rows that need it ----------------------------------
+    def _covered(self, error: torch.Tensor, result: _Pass) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows whose weight sits on their candidates, and how many candidates each needs.
+
+        A logit outside the candidates is at most the K-th largest; with a true gap of
+        2 x error + log(n) + log(1/eps) below the maximum their total weight is below eps.
+        """
+        margin = 2.0 * error + math.log(self.n) + math.log(1.0 / self._eps) + 2.0
+        cut = (result.row_max.to(self.wide) - margin)[:, None]
+        inside = (result.cand_logits.to(self.wide) >= cut).sum(dim=1)
+        k = result.cand_logits.shape[1]
+        covered = inside < k if k < self.n else torch.ones_like(inside, dtype=torch.bool)
+        covered &= error > _REFINE_FROM * self._eps
+        return covered, inside
+
+    def _from_candidates(self, xf: torch.Tensor, tt: torch.Tensor, rows: torch.Tensor,
+                         index: torch.Tensor) -> _Exact:
+        """Exact weights and mean of ``rows`` from their candidates alone, in the wide dtype.
+
+        Explicit differences ||x - t x^(j)||^2: no ||x||^2 - 2<x, X> + ||X||^2 cancellation.
+        """
+        k, D = index.shape[1], self.support.shape[1]
+        block = max(1, _WIDE_BYTES // (k * D * 8))
+        weights, means = [], []
+        for s in range(0, rows.numel(), block):
+            r, idx = rows[s:s + block], index[s:s + block]
+            Xc = self.support[idx.reshape(-1)].reshape(r.numel(), k, D).to(self.wide)
+            t = tt[r]
+            d2 = (xf[r].to(self.wide)[:, None, :] - t[:, None, None] * Xc).square_().sum(dim=2)
+            w = torch.softmax(-d2 / (2.0 * self._sigma(t).square()[:, None]), dim=1)
+            weights.append(w)
+            means.append(torch.bmm(w[:, None, :], Xc)[:, 0])
+        w = torch.cat(weights)
+        return _Exact(rows, torch.cat(means), 1.0 / w.square().sum(dim=1), index, w)
+
+    def _wide_pass(self, xf: torch.Tensor, tt: torch.Tensor, rows: torch.Tensor,
+                   keep_logits: bool = False) -> tuple[_Exact, torch.Tensor | None]:
+        """The whole streamed computation for ``rows`` in the wide dtype (float64).
+
+        For rows whose weights are spread over many points and whose compute-dtype
+        result might miss the accuracy target; the support is widened block by block.
+        """
+        x, t = xf[rows].to(self.wide), tt[rows]
+        s2 = self._sigma(t).square()
+        q = (x - t[:, None] * self._center_wide) * (t / s2)[:, None]
+        a = t.square() / (2.0 * s2)
+        r, D = rows.numel(), self.support.shape[1]
+        run_max = torch.full((r,), -torch.inf, dtype=self.wide, device=self.device)
+        run_sum = torch.zeros(r, dtype=self.wide, device=self.device)
+        run_sq = torch.zeros_like(run_sum)
+        run_num = torch.zeros(r, D, dtype=self.wide, device=self.device)
+        kept = []
+        step = max(1, min(self._support_rows(), self.chunk_bytes // (8 * max(r, 1))))
+        for start in range(0, self.n, step):
+            Xw = self.support[start:start + step].to(self.wide)
+            p = (q @ Xw.T).addr_(a, torch.linalg.vector_norm(Xw - self._center_wide, dim=1).square(),
+                                 alpha=-1.0)
+            if keep_logits:
+                kept.append(p.clone())
+            new_max = torch.maximum(run_max, p.amax(dim=1))
+            scale = torch.exp(run_max - new_max)
+            p.sub_(new_max[:, None]).exp_()
+            run_sum.mul_(scale).add_(p.sum(dim=1))
+            run_sq.mul_(scale.square()).add_(p.square().sum(dim=1))
+            run_num.mul_(scale[:, None]).addmm_(p, Xw)
+            run_max = new_max
+        exact = _Exact(rows, run_num / run_sum[:, None], run_sum.square() / run_sq)
+        return exact, (torch.cat(kept, dim=1) if keep_logits else None)
+
+    def _solve(self, xf: torch.Tensor, tt: torch.Tensor, kind: str) -> tuple[_Pass, list[_Exact]]:
+        """The streamed pass plus the rows recomputed exactly, for ``kind`` in
+        {"mean", "velocity", "score", "neff"} (which decides the accuracy test)."""
+        q, a = self._scaled_query(xf, tt)
+        error = self._error_bound(q, a)
+        track = bool((error > _REFINE_FROM * self._eps).any())
+        result = self._stream(q, a, want_mean=kind != "neff", want_neff=kind == "neff", track=track)
+        if not track:
+            return result, []
+        exact = []
+        covered, inside = self._covered(error, result)
+        rows = covered.nonzero().squeeze(1)
+        if rows.numel():
+            k = int(inside[rows].max())
+            exact.append(self._from_candidates(xf, tt, rows, result.cand_index[rows, :k]))
+        if self.wide != self.dtype:
+            rel = self._relative_error(xf, tt, error, result, kind)
+            rows = (~covered & (rel > _FALLBACK_TOL)).nonzero().squeeze(1)
+            if rows.numel():
+                exact.append(self._wide_pass(xf, tt, rows)[0])
+        return result, exact
+
+    def _relative_error(self, xf: torch.Tensor, tt: torch.Tensor, error: torch.Tensor, result: _Pass,
+                        kind: str) -> torch.Tensor:
+        """Estimated relative error (B,) of the streamed result for ``kind``.
+
+        Logit errors of at most ``error`` move the mean by at most error x (weighted
+        standard deviation of the support); the mean and the final subtraction add a few eps
+        of the magnitudes involved.
+        """
+        if kind == "neff":
+            return 2.0 * error
+        W = self.wide
+        m, x, t = result.mean.to(W), xf.to(W), tt
+        mc = m - self._center_wide
+        sd = (result.spread.to(W) - mc.square().sum(dim=1)).clamp_min(0.0).sqrt()
+        m_norm, x_norm = m.norm(dim=1), x.norm(dim=1)
+        dm = error * sd + _ERROR_FACTOR * self._eps * (m_norm + sd)
+        if kind == "mean":
+            return dm / m_norm
+        if kind == "velocity":
+            c = 1.0 - self.sigma_min
+            return (dm + self._eps * (m_norm + c * x_norm)) / (m - c * x).norm(dim=1)
+        return (t * dm + self._eps * (t * m_norm + x_norm)) / (t[:, None] * m - x).norm(dim=1)
 
     def _out(self, v: torch.Tensor, batch: int) -> torch.Tensor:
         return v.reshape((batch,) + self.sample_shape).to(self.input_dtype)
@@ -232,39 +446,68 @@ class EmpiricalField:
             chunk = self._chunk(xf.shape[0])
             logits = torch.cat([self._logits(q, a, s, min(s + chunk, self.n))
                                 for s in range(0, self.n, chunk)], dim=1)
+            error = self._error_bound(q, a)
+            covered = None
+            if bool((error > _REFINE_FROM * self._eps).any()):
+                v, i = torch.topk(logits, min(CANDIDATES, self.n), dim=1)
+                covered, inside = self._covered(error, _Pass(None, None, None, v[:, 0], v, i))
             w = torch.softmax(logits, dim=1)
+            if covered is not None:
+                rows = covered.nonzero().squeeze(1)
+                if rows.numel():
+                    ref = self._from_candidates(xf, tt, rows, i[rows, :int(inside[rows].max())])
+                    # Non-candidates keep their weights, below eps of the row in total.
+                    w[rows[:, None], ref.index] = ref.weights.to(self.dtype)
+                rows = (~covered & (2.0 * error > _FALLBACK_TOL)).nonzero().squeeze(1)
+                if rows.numel() and self.wide != self.dtype:
+                    _, wide_logits = self._wide_pass(xf, tt, rows, keep_logits=True)
+                    w[rows] = torch.softmax(wide_logits, dim=1).to(self.dtype)
         return w.to(self.input_dtype)
 
     def posterior_mean(self, x: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
         """m(x, t) = sum_j w_j x^(j) = E[x1 | x_t = x]; shape of x."""
         xf, tt = self._query(x, t)
         with exact_matmul():
-            m, _ = self._stream(xf, tt, want_mean=True, want_neff=False)
+            result, exact = self._solve(xf, tt, "mean")
+            m = result.mean
+            for e in exact:
+                m[e.rows] = e.mean.to(self.dtype)
         return self._out(m, xf.shape[0])
 
     def velocity(self, x: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
         """u(x, t) = (m(x, t) - (1 - sigma_min) x) / sigma_t; shape of x."""
         xf, tt = self._query(x, t)
+        c = 1.0 - self.sigma_min
         with exact_matmul():
-            m, _ = self._stream(xf, tt, want_mean=True, want_neff=False)
-            c = 1.0 - self.sigma_min
-            u = (m - c * xf) * (1.0 / self._sigma(tt)).to(self.dtype)[:, None]
+            result, exact = self._solve(xf, tt, "velocity")
+            u = result.mean.sub_(c * xf).mul_((1.0 / self._sigma(tt)).to(self.dtype)[:, None])
+            for e in exact:
+                # m - (1 - sigma_min) x cancels as t -> 1 (m -> x): take it in the wide dtype.
+                xr = xf[e.rows].to(self.wide)
+                u[e.rows] = ((e.mean - c * xr) / self._sigma(tt[e.rows])[:, None]).to(self.dtype)
         return self._out(u, xf.shape[0])
 
     def score(self, x: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
         """grad_x log p_t(x) = (t m(x, t) - x) / sigma_t^2; shape of x."""
         xf, tt = self._query(x, t)
         with exact_matmul():
-            m, _ = self._stream(xf, tt, want_mean=True, want_neff=False)
-            s2 = self._sigma(tt).square()
-            sc = (m * tt.to(self.dtype)[:, None] - xf) * (1.0 / s2).to(self.dtype)[:, None]
+            result, exact = self._solve(xf, tt, "score")
+            inv_s2 = (1.0 / self._sigma(tt).square()).to(self.dtype)[:, None]
+            sc = result.mean.mul_(tt.to(self.dtype)[:, None]).sub_(xf).mul_(inv_s2)
+            for e in exact:
+                xr, tr = xf[e.rows].to(self.wide), tt[e.rows]
+                sc[e.rows] = ((tr[:, None] * e.mean - xr) / self._sigma(tr).square()[:, None]
+                              ).to(self.dtype)
         return self._out(sc, xf.shape[0])
 
     def effective_neighbours(self, x: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
         """n_eff(x, t) = 1 / sum_j w_j^2, between 1 (one neighbour) and n (uniform); (B,)."""
         xf, tt = self._query(x, t)
         with exact_matmul():
-            _, neff = self._stream(xf, tt, want_mean=False, want_neff=True)
+            result, exact = self._solve(xf, tt, "neff")
+            neff = result.neff
+            for e in exact:
+                neff[e.rows] = e.neff.to(self.dtype)
         return neff.to(self.input_dtype)
 
 
