@@ -435,19 +435,44 @@ def _gap(w: torch.Tensor, c: torch.Tensor, X: torch.Tensor, g: torch.Tensor,
 
     gap = max_j a_j(u) - sum_j lambda_j a_j(u) = sum_j lambda_j (max a - a_j) >= 0 (zero iff
     lambda lives on the maximisers), and ||y - y*||^2 <= 2 h gap since the primal is
-    1/h-strongly convex in y (h = c). Returns (gap (B,), the scores' magnitude (B,), which
-    sets their rounding level).
+    1/h-strongly convex in y (h = c). Returns (gap (B,), the scale (B,) whose 1e-16 is the
+    rounding level of the scores: max_j ||x^(j)|| (||w|| + ||y|| / c) + max_j |g_j|).
     """
-    u = w - (lam @ X) / c[:, None]
+    y = lam @ X
+    u = w - y / c[:, None]
     a = u @ X.T - g
-    return (lam * (a.amax(dim=1, keepdim=True) - a)).sum(dim=1), a.abs().amax(dim=1)
+    scale = X.norm(dim=1).max() * (w.norm(dim=1) + y.norm(dim=1) / c) + g.abs().max()
+    return (lam * (a.amax(dim=1, keepdim=True) - a)).sum(dim=1), scale
+
+
+def _vertex_weights(X: torch.Tensor, g: torch.Tensor, y: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:
+    """Weights lambda >= 0 on the atoms that carry soft weight, with X^T lambda = y and
+    minimal <g, lambda>: a vertex of that polytope, so at most D + 1 atoms (one small LP per
+    row, scipy's HiGHS). NaN rows where the LP fails. For the rare degenerate rows where more
+    than D + 1 atoms tie at the optimum (e.g. a regular polygon with equal dual weights)."""
+    import numpy as np
+    from scipy.optimize import linprog
+
+    out = torch.full_like(pi, math.nan)
+    Xn, gn = X.cpu().numpy(), g.cpu().numpy()
+    for i in range(pi.shape[0]):
+        S = (pi[i] >= 1e-12 * pi[i].max()).nonzero()[:, 0].cpu().numpy()
+        A_eq = np.vstack([Xn[S].T, np.ones((1, len(S)))])
+        res = linprog(gn[S], A_eq=A_eq, b_eq=np.append(y[i].cpu().numpy(), 1.0), bounds=(0, None),
+                      method="highs")
+        if res.status == 0:
+            row = torch.zeros(pi.shape[1], dtype=_F64)
+            row[torch.from_numpy(S)] = torch.from_numpy(res.x)
+            out[i] = row.to(pi.device)
+    return out
 
 
 # Stages of the eps -> 0 continuation (relative to each row's score spread): after each,
 # the active-set solve is tried and the rows it certifies leave.
 _STAGES = (1e-3, 1e-6, 1e-9, 1e-13)
 _CUTOFFS = (1e-2, 1e-5, 1e-10)
-_CERTIFY = 1e-11     # accepted gap, relative to 1 + max_j |a_j(u)|
+_EXACT = 1e-12       # a row leaves the continuation once its gap is below this times its scale
+_ACCEPT = 1e-6       # error bound accepted at the end, relative to 1 + max ||x^(j)|| + ||z||
 
 
 def _prox_dual_form(w: torch.Tensor, c: torch.Tensor, X: torch.Tensor, g: torch.Tensor,
@@ -484,17 +509,33 @@ def _prox_dual_form(w: torch.Tensor, c: torch.Tensor, X: torch.Tensor, g: torch.
             gap_c = torch.where(better, gap_t, gap_c)
             level = torch.where(better, level_t, level)
         lam[rows], gap[rows] = cand, gap_c
-        certified = gap_c <= _CERTIFY * (1.0 + level)
+        certified = gap_c <= _EXACT * level
         start = torch.zeros_like(spread)
         start[rows] = stage * spread[rows]
         rows = rows[~certified]
         if rows.numel() == 0:
             break
     if rows.numel():
-        worst = int(rows[0])
-        raise RuntimeError(f"prox_conjugate: could not certify {rows.numel()} row(s), e.g. row {worst} "
-                           f"(duality gap {float(gap[worst]):.3e})")
-    return lam @ X, lam, torch.sqrt(2.0 * c * gap.clamp_min(0.0))
+        # degenerate rows: a vertex representation of the dual's y = z - h u on the atoms that
+        # carry weight (at most D + 1 of them), then the exact KKT solve on its support
+        wr, cr = w[rows], c[rows]
+        u_r, pi = _newton_dual(wr, cr, X, g, u[rows], start[rows], _STAGES[-1] * spread[rows])
+        red = _vertex_weights(X, g, cr[:, None] * (wr - u_r), pi)
+        red = torch.where(torch.isfinite(red), red, pi)
+        cand = _polish(wr, cr, X, g, red, 1e-300)
+        ok = torch.isfinite(cand).all(dim=1) & (cand >= -1e-9).all(dim=1)
+        cand = torch.where(ok[:, None], cand.clamp_min(0.0), pi)
+        cand = cand / cand.sum(dim=1, keepdim=True)
+        gap_c, _ = _gap(wr, cr, X, g, cand)
+        better = gap_c < gap[rows]
+        lam[rows[better]], gap[rows[better]] = cand[better], gap_c[better]
+    bound = torch.sqrt(2.0 * c * gap.clamp_min(0.0))
+    tol = _ACCEPT * (1.0 + X.norm(dim=1).max() + c * w.norm(dim=1))
+    if not bool((bound <= tol).all()):
+        worst = int((bound / tol).argmax())
+        raise RuntimeError(f"prox_conjugate: could not certify row {worst} "
+                           f"(duality gap {float(gap[worst]):.3e}, error bound {float(bound[worst]):.3e})")
+    return lam @ X, lam, bound
 
 
 def prox_conjugate(z: torch.Tensor, h: float | torch.Tensor, support: torch.Tensor, g: torch.Tensor,
@@ -527,10 +568,10 @@ def prox_conjugate(z: torch.Tensor, h: float | torch.Tensor, support: torch.Tens
     return (y, {"weights": lam, "error_bound": bound}) if return_info else y
 
 
-def _check_open_time(t: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def _check_flow_time(t: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     tt = check_time(t, batch=x.shape[0], dtype=_F64, device=x.device, name="t")
-    if tt.numel() and bool(((tt <= 0) | (tt >= 1)).any()):
-        raise ValueError("t must lie in the open interval (0, 1): the proximal form divides by t and 1 - t")
+    if tt.numel() and bool((tt >= 1).any()):
+        raise ValueError("t must lie in [0, 1): the proximal form divides by 1 - t (the flow ends at t = 1)")
     return tt
 
 
@@ -542,26 +583,36 @@ def proximal_target(x: torch.Tensor, t: float | torch.Tensor, support: torch.Ten
 
     Computed as the dual problem in the trajectory origin u (x0 on the path):
     min_u phi(u) + ||(1 - t) u - x||^2 / (2 t (1 - t)), x1 = (x - (1 - t) u) / t, which stays
-    well scaled as t -> 0. Shapes: x (B, D); t in (0, 1) a number, 0-d or (B,). Chapter 7.
+    well scaled as t -> 0; at t = 0 it is the Brenier map, x1 = T(x) (smoothed when eps > 0).
+    Shapes: x (B, D); t in [0, 1) a number, 0-d or (B,). Chapter 7.
     """
     X = _support(support)
     x = _points(x, X, "x")
     gv = _weights_g(g, X)
     eps = _eps(eps)
-    tt = _check_open_time(t, x)
-    hv = (1.0 - tt) / tt
-    # prox_{h psi}(z) with z = x / t: the dual variable is w = z / h = x / (1 - t), c = h.
-    y, _, _ = _prox_dual_form(x.to(_F64) / (1.0 - tt)[:, None], hv, X.to(_F64), gv, eps)
-    return y.to(x.dtype)
+    tt = _check_flow_time(t, x)
+    Xf, xf = X.to(_F64), x.to(_F64)
+    out = torch.empty_like(xf)
+    start = tt == 0
+    if bool(start.any()):
+        a = _scores(xf[start], Xf, gv)
+        out[start] = Xf[a.argmax(dim=1)] if eps == 0 else torch.softmax(a / eps, dim=1) @ Xf
+    rest = ~start
+    if bool(rest.any()):
+        tr = tt[rest]
+        # prox_{h psi}(z) with z = x / t: the dual variable is w = z / h = x / (1 - t), c = h.
+        out[rest], _, _ = _prox_dual_form(xf[rest] / (1.0 - tr)[:, None], (1.0 - tr) / tr, Xf, gv, eps)
+    return out.to(x.dtype)
 
 
 def proximal_velocity(x: torch.Tensor, t: float | torch.Tensor, support: torch.Tensor, g: torch.Tensor,
                       eps: float = 0.0) -> torch.Tensor:
     r"""The OT-CFM field in proximal form, v(x, t) = (prox_{h(t) psi}(x / t) - x) / (1 - t).
 
-    On the path x = (1 - t) x0 + t T(x0) it equals T(x0) - x0. With eps > 0 the field of
-    the log-sum-exp smoothed potential. Shapes: x (B, D) -> (B, D); t in (0, 1). Chapter 7.
+    On the path x = (1 - t) x0 + t T(x0) it equals T(x0) - x0 (at t = 0: T(x) - x). With
+    eps > 0 the field of the log-sum-exp smoothed potential. Shapes: x (B, D) -> (B, D);
+    t in [0, 1). Chapter 7.
     """
     x1 = proximal_target(x, t, support, g, eps)
-    tt = _check_open_time(t, x)
+    tt = _check_flow_time(t, x)
     return ((x1.to(_F64) - x.to(_F64)) / (1.0 - tt)[:, None]).to(x.dtype)

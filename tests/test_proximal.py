@@ -87,6 +87,23 @@ def test_prox_matches_exhaustive_enumeration(seed, d):
         assert float(info["error_bound"].max()) < 1e-6
 
 
+def test_prox_with_many_tied_atoms_regular_hexagon():
+    """Equal weights on a regular hexagon: psi is the indicator of the hexagon, so the prox is
+    the projection onto it; inside, all six atoms tie (more than D + 1: degenerate)."""
+    ang = 2 * math.pi * torch.arange(6, dtype=torch.float64) / 6
+    X = 2.0 * torch.stack([torch.cos(ang), torch.sin(ang)], 1)
+    g = torch.zeros(6, dtype=torch.float64)
+    Z = 2.5 * torch.randn(60, 2, generator=torch.Generator().manual_seed(20), dtype=torch.float64)
+    y, info = prox_conjugate(Z, 0.6, X, g, return_info=True)
+    inside = Z.norm(dim=1) < 2.0 * math.cos(math.pi / 6)
+    assert 5 < int(inside.sum()) < 55
+    np.testing.assert_allclose(y[inside].numpy(), Z[inside].numpy(), atol=1e-10)
+    for i in range(60):
+        ref_y, _ = prox_enumerate(Z[i].numpy(), 0.6, X.numpy(), g.numpy())
+        assert np.abs(y[i].numpy() - ref_y).max() < 1e-9
+    assert float(info["error_bound"].max()) < 1e-6
+
+
 def test_prox_matches_slsqp_and_accepts_per_row_h():
     X, g = problem(8, 2, 3)
     Z = 2.5 * torch.randn(12, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
@@ -239,8 +256,10 @@ def test_proximal_velocity_is_the_ot_velocity_on_trajectories_and_lands_on_data(
         # the target is exactly the data point: prox_{h psi}(x_j + h x0) = x_j for x0 in L_j
         h = (1 - t) / t
         np.testing.assert_allclose(prox_conjugate(T + h * x0, h, X, g).numpy(), T.numpy(), atol=1e-9)
-    # per-row t and fp32 round trip
-    t = torch.linspace(0.1, 0.9, 300, dtype=torch.float64)
+    # t = 0 is the Brenier map itself
+    np.testing.assert_allclose(proximal_velocity(x0, 0.0, X, g).numpy(), (T - x0).numpy(), atol=0)
+    # per-row t (including 0) and fp32 round trip
+    t = torch.linspace(0.0, 0.9, 300, dtype=torch.float64)
     xt = (1 - t)[:, None] * x0 + t[:, None] * T
     np.testing.assert_allclose(proximal_target(xt, t, X, g).numpy(), T.numpy(), atol=1e-9)
     v32 = proximal_velocity(xt.float(), t.float(), X.float(), g.float())
@@ -291,10 +310,10 @@ def test_bad_inputs_raise_named_errors():
         prox_conjugate(torch.zeros(3, 3, dtype=torch.float64), 1.0, X, g)
     with pytest.raises(ValueError, match="eps"):
         prox_conjugate(z, 1.0, X, g, eps=-1.0)
-    with pytest.raises(ValueError, match="open interval"):
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
         proximal_velocity(z, 1.0, X, g)
-    with pytest.raises(ValueError, match="open interval"):
-        proximal_velocity(z, 0.0, X, g)
+    with pytest.raises(ValueError, match="t must lie"):
+        proximal_velocity(z, -0.1, X, g)
     with pytest.raises(ValueError, match="support must have shape"):
         brenier_map(z, torch.zeros(5, dtype=torch.float64), g)
     with pytest.raises(TypeError, match="support"):
