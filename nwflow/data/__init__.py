@@ -5,6 +5,7 @@ Image loaders return ``(images (N, C, H, W) float32 in [-1, 1], labels (N,) int6
 ``root=None`` means the folder named by ``NWFLOW_DATA_DIR`` (else ``~/.cache/nwflow/data``).
 """
 
+from nwflow.data import dinov2
 from nwflow.data.cifar10 import CIFAR10_CLASSES, load_cifar10
 from nwflow.data.imagenette import IMAGENETTE_NAMES, IMAGENETTE_WNIDS, load_imagenette
 from nwflow.data.toy import (
@@ -22,6 +23,7 @@ __all__ = [
     "IMAGENETTE_WNIDS",
     "GaussianMixture",
     "circle",
+    "dinov2",
     "gaussian_mixture",
     "load_cifar10",
     "load_imagenette",
