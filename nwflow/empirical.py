@@ -68,6 +68,8 @@ DEFAULT_CHUNK_BYTES = 256 * 2**20
 # Candidates per row kept for the exact refinement, and the float64 work-space per block.
 CANDIDATES = 64
 _WIDE_BYTES = 32 * 2**20
+# Work-space of the key-norm pass on the CPU: small enough to stay in cache.
+_CACHE_BYTES = 4 * 2**20
 # Safety factor on the rounding-error estimate of a logit (a product of two vectors and
 # one subtraction: a few units of eps times the magnitudes involved).
 _ERROR_FACTOR = 4.0
@@ -188,43 +190,40 @@ class EmpiricalField:
         self.chunk_bytes = chunk_bytes
         self._eps = torch.finfo(self.dtype).eps
         with exact_matmul():
-            self._center_wide, self.key_norms, raw_max = self._centre_and_norms()
-        finite = bool(torch.isfinite(self.key_norms).all()) and math.isfinite(raw_max)
-        # A NaN/inf entry makes its row's norm non-finite; this names it without
-        # allocating an (n, D) mask up front.
-        if not finite and not bool(torch.isfinite(self.support).all()):
+            self.center, self.key_norms = self._centre_and_norms()
+        centred_max2 = float(self.key_norms.max())
+        # A NaN/inf entry makes every centred norm non-finite (through the mean); this names
+        # it without allocating an (n, D) mask up front.
+        if not math.isfinite(centred_max2) and not bool(torch.isfinite(self.support).all()):
             raise ValueError("support contains NaN or inf")
-        if not finite or not 4.0 * raw_max**2 < torch.finfo(self.dtype).max:
+        # ||x^(j)|| <= ||x^(j) - c|| + ||c||: the size of the raw keys, for the error bound.
+        self._raw_max = math.sqrt(centred_max2) + float(torch.linalg.vector_norm(self.center))
+        if not (math.isfinite(self._raw_max) and 4.0 * self._raw_max**2 < torch.finfo(self.dtype).max):
             raise ValueError(f"support values are too large for {self.dtype}: their squared norms overflow")
-        self.center = self._center_wide.to(self.dtype)
-        # Largest norms, for the rounding-error bound of the logits.
-        self._raw_max = raw_max
-        self._centred_max2 = float(self.key_norms.max())
+        self._centred_max2 = centred_max2
+        self._center_wide = self.center.to(self.wide)
 
     def _support_rows(self) -> int:
         """Support rows per block of the wide-dtype work-space."""
         return max(1, _WIDE_BYTES // (self.support.shape[1] * 8))
 
-    def _centre_and_norms(self) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """Support mean c (D,) wide, centred squared norms ||x^(j) - c||^2 (n,), max ||x^(j)||.
+    def _centre_and_norms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A centre c (D,) and the centred squared norms ||x^(j) - c||^2 (n,).
 
-        Formed block by block (bounded work-space) with the differences taken explicitly,
-        so the norms carry no cancellation.
+        Any c leaves the weights unchanged; it only has to sit near the data so the numbers
+        summed stay small. c is the mean of at most 1024 support points spread evenly through
+        the set (a strided view: no pass over the whole support). The norms take the
+        differences explicitly (no cancellation), block by block: a small work-space,
+        cache-sized on the CPU.
         """
         X, n, D = self.support, self.support.shape[0], self.support.shape[1]
-        rows = self._support_rows()
-        total = torch.zeros(D, dtype=self.wide, device=self.device)
-        raw_max = torch.zeros((), dtype=self.dtype, device=self.device)
-        for s in range(0, n, rows):
-            block = X[s:s + rows]
-            total += block.sum(dim=0, dtype=self.wide)
-            raw_max = torch.maximum(raw_max, torch.linalg.vector_norm(block, dim=1).amax())
-        center = total / n
-        center_c = center.to(self.dtype)
+        center = X[::max(1, -(-n // 1024))].mean(dim=0)
+        budget = _WIDE_BYTES if self.device.type != "cpu" else _CACHE_BYTES
+        rows = max(1, budget // (D * self.support.element_size()))
         norms = torch.empty(n, dtype=self.dtype, device=self.device)
         for s in range(0, n, rows):
-            norms[s:s + rows] = torch.linalg.vector_norm(X[s:s + rows] - center_c, dim=1).square()
-        return center, norms, float(raw_max)
+            norms[s:s + rows] = torch.linalg.vector_norm(X[s:s + rows] - center, dim=1).square_()
+        return center, norms
 
     @property
     def n(self) -> int:

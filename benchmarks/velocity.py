@@ -1,0 +1,292 @@
+"""Speed and memory of the exact velocity against two simple references, in one run.
+
+    python benchmarks/velocity.py                 # default sizes on cuda if available, else cpu
+    python benchmarks/velocity.py --device cpu --configs 20000,3072,64 --times 0.5
+    python benchmarks/velocity.py --quick         # tiny smoke run (seconds)
+
+Methods, all computing u(x, t) = (m - x) / sigma_t with m the softmax-weighted support mean:
+
+- ``two_gemm``: logits = one ``addmm`` (x X^T scaled, minus the key norms, computed in the
+  call), softmax, mean = a second matrix product. The plain fast implementation.
+- ``two_gemm_pre``: the same with the key norms computed once beforehand.
+- ``cdist``: the naive one: squared ``torch.cdist`` distances to t X, softmax, mean.
+- ``nwflow``: :func:`nwflow.velocity` (builds its centre and key norms in the call).
+- ``field``: :meth:`nwflow.EmpiricalField.velocity` with the field built beforehand.
+
+Times are medians over ``--repeats`` rounds; within a round the methods run one after the
+other in a rotating order, so a slow spell on a shared machine hits all of them. Ratios:
+``nwflow / two_gemm``, ``field / two_gemm_pre``, ``cdist / two_gemm``, from wall-clock
+times and (``cpu_time_ratios``) from the process's CPU time, which on a shared machine
+tracks the work done better than the wall clock (with one thread it is the work; with
+several it also counts threads waiting at barriers).
+
+Peak memory is the extra peak over what is held before the call (support, queries, field):
+on CUDA ``torch.cuda.max_memory_allocated`` after a reset; on the CPU each method runs once
+in a fresh subprocess that resets the kernel's peak-RSS counter (``/proc/self/clear_refs``)
+right before the call and reads ``VmHWM - VmRSS`` after it (falling back to the growth of
+``ru_maxrss`` where the counter cannot be reset).
+
+Writes JSON (through a temporary file and a rename) to ``benchmarks/out/`` with provenance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import nwflow
+from nwflow.empirical import EmpiricalField, exact_matmul
+from nwflow.provenance import provenance, write_json_atomic
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_CONFIGS = [(20000, 3072, 64), (50000, 3072, 16), (50000, 3072, 64), (50000, 3072, 256),
+                   (400000, 768, 16)]
+QUICK_CONFIGS = [(3000, 64, 8), (1000, 32, 4)]
+METHODS = ["two_gemm", "two_gemm_pre", "cdist", "nwflow", "field"]
+RATIOS = {"nwflow/two_gemm": ("nwflow", "two_gemm"), "field/two_gemm_pre": ("field", "two_gemm_pre"),
+          "cdist/two_gemm": ("cdist", "two_gemm")}
+
+
+# -- the references -----------------------------------------------------------------------
+def two_gemm(x: torch.Tensor, t: float, X: torch.Tensor, norms: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax((t x X^T - t^2 ||X||^2 / 2) / sigma^2) X, then (m - x) / sigma (sigma_min = 0)."""
+    s2 = (1.0 - t) ** 2
+    if norms is None:
+        norms = torch.linalg.vector_norm(X, dim=1).square()
+    logits = torch.addmm(norms[None, :], x, X.T, beta=-t * t / (2 * s2), alpha=t / s2)
+    m = torch.softmax(logits, dim=1) @ X
+    return (m - x) / (1.0 - t)
+
+
+def cdist_softmax(x: torch.Tensor, t: float, X: torch.Tensor) -> torch.Tensor:
+    """The naive form: -||x - t X_j||^2 / (2 sigma^2) from cdist, softmax, mean."""
+    logits = torch.cdist(x, t * X).square().div_(-2 * (1.0 - t) ** 2)
+    m = torch.softmax(logits, dim=1) @ X
+    return (m - x) / (1.0 - t)
+
+
+def make_problem(n: int, D: int, B: int, t: float, device: torch.device, seed: int = 0):
+    """Support with data-like statistics (unit-variance Gaussian), and queries on its path."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    X = torch.empty(n, D, device=device)
+    rows = max(1, 2**24 // D)  # fill in blocks: no second (n, D) copy at any time
+    for s in range(0, n, rows):
+        X[s:s + rows] = torch.randn(min(rows, n - s), D, generator=g).to(device)
+    idx = torch.randint(0, n, (B,), generator=g)
+    x = ((1 - t) * torch.randn(B, D, generator=g)).to(device) + t * X[idx.to(device)]
+    return X, x
+
+
+def method_fn(name: str, x: torch.Tensor, t: float, X: torch.Tensor,
+              field: EmpiricalField | None, norms: torch.Tensor | None):
+    if name == "two_gemm":
+        return lambda: two_gemm(x, t, X)
+    if name == "two_gemm_pre":
+        return lambda: two_gemm(x, t, X, norms)
+    if name == "cdist":
+        return lambda: cdist_softmax(x, t, X)
+    if name == "nwflow":
+        return lambda: nwflow.velocity(x, t, X)
+    if name == "field":
+        return lambda: field.velocity(x, t)
+    raise ValueError(f"unknown method {name!r}")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# -- memory -----------------------------------------------------------------------------------
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def cpu_peak_child(name: str, n: int, D: int, B: int, t: float) -> dict[str, Any]:
+    """Run one method once in this (fresh) process; return its extra peak RSS in bytes."""
+    X, x = make_problem(n, D, B, t, torch.device("cpu"))
+    field = EmpiricalField(X) if name == "field" else None
+    norms = torch.linalg.vector_norm(X, dim=1).square() if name == "two_gemm_pre" else None
+    fn = method_fn(name, x, t, X, field, norms)
+    rss_before = _status_kib("VmRSS")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        reset = _status_kib("VmHWM") is not None
+    except OSError:
+        reset = False
+    maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with exact_matmul():
+        fn()
+    if reset:
+        extra = (_status_kib("VmHWM") - rss_before) * 1024
+        how = "VmHWM-VmRSS after clear_refs"
+    else:
+        extra = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - maxrss_before) * 1024
+        how = "ru_maxrss growth"
+    return {"extra_peak_bytes": int(extra), "method": how}
+
+
+def cpu_peak(name: str, n: int, D: int, B: int, t: float, threads: int) -> dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--_memory-child", name,
+           f"{n},{D},{B}", str(t), "--threads", str(threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=3600)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def cuda_peak(fn, device: torch.device) -> dict[str, Any]:
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    sync(device)
+    return {"extra_peak_bytes": int(torch.cuda.max_memory_allocated(device) - before),
+            "method": "torch.cuda.max_memory_allocated - memory_allocated before"}
+
+
+# -- one configuration -------------------------------------------------------------------------
+def bench_config(n: int, D: int, B: int, t: float, device: torch.device, repeats: int, warmup: int,
+                 threads: int, memory: bool) -> dict[str, Any]:
+    X, x = make_problem(n, D, B, t, device)
+    field = EmpiricalField(X)
+    norms = torch.linalg.vector_norm(X, dim=1).square()
+    fns = {m: method_fn(m, x, t, X, field, norms) for m in METHODS}
+    with exact_matmul():  # the references run under the same (full fp32) precision
+        outputs = {m: fn() for m, fn in fns.items()}
+        for _ in range(warmup - 1):
+            for fn in fns.values():
+                fn()
+        sync(device)
+        times: dict[str, list[float]] = {m: [] for m in METHODS}
+        cpu_times: dict[str, list[float]] = {m: [] for m in METHODS}
+        for r in range(repeats):
+            order = METHODS[r % len(METHODS):] + METHODS[:r % len(METHODS)]
+            for m in order:
+                sync(device)
+                start, cpu_start = time.perf_counter(), time.process_time()
+                fns[m]()
+                sync(device)
+                times[m].append(time.perf_counter() - start)
+                cpu_times[m].append(time.process_time() - cpu_start)
+    ref = outputs["two_gemm"].double()
+    agreement = {m: float(((o.double() - ref).norm(dim=1) / ref.norm(dim=1)).max())
+                 for m, o in outputs.items()}
+    med = {m: statistics.median(v) for m, v in times.items()}
+    cpu_med = {m: statistics.median(v) for m, v in cpu_times.items()}
+    result: dict[str, Any] = {
+        "n": n, "D": D, "B": B, "t": t, "dtype": "float32",
+        "support_bytes": X.numel() * X.element_size(),
+        "chunk": field._chunk(B),
+        "time_s": {m: {"median": med[m], "min": min(v), "all": v} for m, v in times.items()},
+        "cpu_time_s": {m: {"median": cpu_med[m], "all": v} for m, v in cpu_times.items()},
+        "ratios": {k: med[a] / med[b] for k, (a, b) in RATIOS.items()},
+        "cpu_time_ratios": {k: cpu_med[a] / cpu_med[b] for k, (a, b) in RATIOS.items()},
+        "max_rel_diff_vs_two_gemm": agreement,
+    }
+    if memory:
+        del outputs
+        if device.type == "cuda":
+            result["peak_memory"] = {m: cuda_peak(fn, device) for m, fn in fns.items()}
+        else:
+            del X, x, field, norms, fns
+            result["peak_memory"] = {m: cpu_peak(m, n, D, B, t, threads) for m in METHODS}
+    return result
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def parse_config(text: str) -> tuple[int, int, int]:
+    parts = text.split(",")
+    if len(parts) != 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"a configuration is n,D,B (positive ints), got {text!r}")
+    return tuple(int(p) for p in parts)  # type: ignore[return-value]
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--configs", type=parse_config, nargs="+", help="n,D,B triples")
+    parser.add_argument("--times", type=float, nargs="+", default=[0.5], help="values of t")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int,
+                        help="torch intra-op threads (default: torch's choice; 1 with --quick)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, 3 repeats, 1 thread: a smoke run")
+    parser.add_argument("--out", type=Path,
+                        help="JSON path (default benchmarks/out/velocity-<device>-<time>.json)")
+    parser.add_argument("--_memory-child", dest="memory_child", help=argparse.SUPPRESS)
+    args, rest = parser.parse_known_args(argv)
+    if args.threads is None:
+        args.threads = 1 if args.quick else torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    if args.memory_child:
+        n, D, B = parse_config(rest[0])
+        print(json.dumps(cpu_peak_child(args.memory_child, n, D, B, float(rest[1]))))
+        return {}
+    if rest:
+        parser.error(f"unrecognised arguments: {' '.join(rest)}")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but CUDA is not available")
+    if not all(0.0 < t < 1.0 for t in args.times):
+        parser.error("every --times value must lie in (0, 1)")
+    configs = args.configs or (QUICK_CONFIGS if args.quick else DEFAULT_CONFIGS)
+    repeats = 3 if args.quick and args.repeats == 7 else args.repeats
+    started = time.perf_counter()
+    results = []
+    for n, D, B in configs:
+        for t in args.times:
+            r = bench_config(n, D, B, t, device, repeats, max(1, args.warmup), args.threads,
+                             memory=not args.no_memory)
+            results.append(r)
+            mem = r.get("peak_memory", {})
+            print(f"n={n:>7} D={D:>5} B={B:>4} t={t:<5} "
+                  + " ".join(f"{m}={r['time_s'][m]['median'] * 1e3:8.2f}ms" for m in METHODS)
+                  + " | " + " ".join(f"{k}={v:.3f}" for k, v in r["ratios"].items())
+                  + " | cpu-time " + " ".join(f"{k}={v:.3f}" for k, v in r["cpu_time_ratios"].items())
+                  + (" | extra peak MiB " + " ".join(f"{m}={mem[m]['extra_peak_bytes'] / 2**20:.0f}"
+                                                     for m in METHODS) if mem else ""),
+                  flush=True)
+    record = {
+        "provenance": provenance(
+            {"configs": [list(c) for c in configs], "times": args.times, "repeats": repeats,
+             "warmup": args.warmup, "quick": args.quick, "memory": not args.no_memory},
+            device=device, wall_time_s=time.perf_counter() - started),
+        "cpu_model": cpu_name(),
+        "threads": args.threads,
+        "methods": METHODS,
+        "ratio_definitions": {k: f"median {a} / median {b}" for k, (a, b) in RATIOS.items()},
+        "results": results,
+    }
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = args.out or ROOT / "out" / f"velocity-{device.type}-{stamp}.json"
+    write_json_atomic(out, record)
+    print(f"wrote {out}")
+    return record
+
+
+if __name__ == "__main__":
+    main()
