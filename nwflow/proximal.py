@@ -545,10 +545,12 @@ def prox_conjugate(z: torch.Tensor, h: float | torch.Tensor, support: torch.Tens
     Equal to sum_j lambda_j x^(j) with lambda solving the simplex QP
     min_{lambda in simplex} <lambda, g> + ||X^T lambda - z||^2 / (2 h). Computed through its
     dual u = prox_{phi / h}(z / h) (Moreau: prox_{h psi}(z) = z - h u), by Newton on the
-    smoothed dual with eps -> 0, then an exact active-set solve. The duality gap
-    gap = max_j a_j(u) - sum_j lambda_j a_j(u) (a_j(u) = <u, x^(j)> - g_j) certifies every row:
-    ||y - y*|| <= sqrt(2 h gap); a row that cannot be certified to the rounding level of the
-    scores raises RuntimeError.
+    smoothed dual with eps -> 0, then an exact active-set (KKT) solve on the atoms that carry
+    weight; rows where more than D + 1 atoms tie (degenerate) get a vertex representation from
+    a small LP first. The duality gap gap = max_j a_j(u) - sum_j lambda_j a_j(u), with
+    a_j(u) = <u, x^(j)> - g_j, certifies every row: ||y - y*|| <= sqrt(2 h gap) (typically
+    1e-7 or less: the gap itself is at rounding level). A row whose bound exceeds
+    1e-6 (1 + max_j ||x^(j)|| + ||z||) raises RuntimeError.
 
     With ``eps`` > 0: the prox of h psi_eps, psi_eps = (phi_eps)*, which is the soft average
     sum_j softmax_j(a_j(u) / eps) x^(j) at the smoothed dual point u; eps -> 0 recovers eps = 0.
