@@ -1,6 +1,7 @@
 """Small velocity networks used by the chapters that train models."""
 
 from nwflow.models.mlp import TimeEmbedding, VelocityMLP
+from nwflow.models.preconditioned import PreconditionedVelocity
 from nwflow.models.unet import UNet
 
-__all__ = ["TimeEmbedding", "UNet", "VelocityMLP"]
+__all__ = ["PreconditionedVelocity", "TimeEmbedding", "UNet", "VelocityMLP"]
