@@ -1,0 +1,66 @@
+"""benchmarks/velocity.py runs end to end in --quick mode and writes well-formed JSON.
+
+Structure only: timings on a shared machine are not asserted.
+"""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "velocity.py"
+
+
+def test_quick_run_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    run = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--device", "cpu", "--times", "0.5", "0.9",
+                          "--configs", "500,16,4", "--no-memory", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    assert f"wrote {out}" in run.stdout
+    assert not list(tmp_path.glob(".*.tmp")), "the temporary file was renamed, not left behind"
+    record = json.loads(out.read_text())
+    prov = record["provenance"]
+    for key in ("git_commit", "created_utc", "device", "device_name", "versions", "config", "wall_time_s"):
+        assert key in prov
+    assert prov["device"] == "cpu" and prov["versions"]["torch"]
+    assert record["threads"] == 1 and record["cpu_model"]
+    methods = record["methods"]
+    assert set(methods) == {"two_gemm", "two_gemm_pre", "cdist", "nwflow", "field"}
+    configs = [(r["n"], r["D"], r["B"], r["t"]) for r in record["results"]]
+    assert configs == [(500, 16, 4, 0.5), (500, 16, 4, 0.9)]
+    for r in record["results"]:
+        assert r["support_bytes"] == 500 * 16 * 4
+        for m in methods:
+            assert len(r["time_s"][m]["all"]) == 3 and r["time_s"][m]["median"] > 0
+            assert r["cpu_time_s"][m]["median"] >= 0
+            # every method computes the same velocity (fp32 rounding apart)
+            assert r["max_rel_diff_vs_two_gemm"][m] < 1e-3
+        assert set(r["ratios"]) == set(r["cpu_time_ratios"]) == set(record["ratio_definitions"])
+        assert r["ratios"]["field/two_gemm_pre"] == pytest.approx(
+            r["time_s"]["field"]["median"] / r["time_s"]["two_gemm_pre"]["median"])
+        assert "peak_memory" not in r  # --no-memory
+
+
+def test_cpu_peak_memory_of_one_method():
+    """The memory probe runs a method in a fresh process and sees its (B, n) logits."""
+    spec = importlib.util.spec_from_file_location("bench_velocity", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    peak = bench.cpu_peak("two_gemm_pre", 200_000, 8, 16, 0.5, 1)
+    assert peak["method"] in ("VmHWM-VmRSS after clear_refs", "ru_maxrss growth")
+    logits = 16 * 200_000 * 4  # one (B, n) float32 block at least
+    assert logits <= peak["extra_peak_bytes"] < 20 * logits
+
+
+def test_bad_arguments_are_refused():
+    run = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--configs", "10,2", "--no-memory"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert run.returncode != 0 and "n,D,B" in run.stderr
+    run = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--times", "1.0", "--no-memory"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert run.returncode != 0 and "--times" in run.stderr
