@@ -68,9 +68,10 @@ def check_time(
     else:
         raise TypeError(f"{name} must be a number or a tensor, got {type(t).__name__}")
     if tt.numel():
-        if not bool(torch.isfinite(tt).all()):
+        values = tt.detach()  # a t that requires grad keeps its graph; the checks need none
+        if not bool(torch.isfinite(values).all()):
             raise ValueError(f"{name} contains NaN or inf")
-        lo, hi = float(tt.min()), float(tt.max())
+        lo, hi = float(values.min()), float(values.max())
         if lo < 0.0 or hi > 1.0:
             raise ValueError(f"{name} must lie in [0, 1], got values in [{lo}, {hi}]")
         if sigma_min == 0.0 and hi == 1.0:
