@@ -1,0 +1,71 @@
+"""Repository wiring: the conda environment follows pyproject.toml; the entry points exist."""
+
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, published as tomli
+    tomllib = pytest.importorskip("tomli", reason="reading pyproject.toml on Python 3.10 needs tomli")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pyproject():
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_environment_yml_installs_the_package_with_its_extras():
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    deps = env["dependencies"]
+    conda = [d for d in deps if isinstance(d, str)]
+    pip_lists = [d["pip"] for d in deps if isinstance(d, dict) and "pip" in d]
+    assert "pip" in conda and len(pip_lists) == 1
+    python = [d for d in conda if d.split("=")[0].split(">")[0].split("<")[0].strip() == "python"]
+    assert len(python) == 1, conda
+    # The pinned python satisfies requires-python (a lower bound ">=X.Y").
+    version = re.search(r"(\d+)\.(\d+)", python[0])
+    lower = re.fullmatch(r">=\s*(\d+)\.(\d+)", _pyproject()["project"]["requires-python"].strip())
+    assert version and lower
+    assert tuple(map(int, version.groups())) >= tuple(map(int, lower.groups()))
+    # Everything else comes from pyproject.toml, through pip, as an editable install with extras.
+    assert set(conda) == {"pip", python[0]}, "conda installs python and pip only"
+    installs = [p for p in pip_lists[0] if re.match(r"-e\s+\.\[", p)]
+    assert len(installs) == 1 and len(pip_lists[0]) == 1, pip_lists[0]
+    extras = set(re.search(r"\[(.*)\]", installs[0]).group(1).replace(" ", "").split(","))
+    declared = set(_pyproject()["project"]["optional-dependencies"])
+    assert extras == {"book", "test"} and extras <= declared
+
+
+def _make_targets():
+    text = (ROOT / "Makefile").read_text()
+    targets = set(re.findall(r"^([A-Za-z0-9_.-]+)\s*:(?!=)", text, flags=re.M))
+    phony = set()
+    for line in re.findall(r"^\.PHONY\s*:(.*)$", text, flags=re.M):
+        phony.update(line.split())
+    return text, targets, phony
+
+
+def test_makefile_has_book_and_test_targets():
+    text, targets, phony = _make_targets()
+    assert {"book", "test"} <= targets and {"book", "test"} <= phony
+    book = re.search(r"^book\s*:.*\n((?:\t.*\n)+)", text, flags=re.M).group(1)
+    assert "jupyter-book build" in book
+    test = re.search(r"^test\s*:.*\n((?:\t.*\n)+)", text, flags=re.M).group(1)
+    # `make test` runs the unit tests (directly or through a sub-target that calls pytest).
+    called = set(re.findall(r"\b([a-z-]+)\b", test)) & targets
+    recipes = test + "".join(re.search(rf"^{t}\s*:.*\n((?:\t.*\n)+)", text, flags=re.M).group(1)
+                             for t in called)
+    assert "pytest" in recipes and "tests" in recipes
+
+
+def test_ci_entry_point_runs_make_test():
+    run = ROOT / ".ci" / "run"
+    assert run.is_file() and os.access(run, os.X_OK)
+    lines = [line.strip() for line in run.read_text().splitlines() if not line.lstrip().startswith("#")]
+    assert any(re.fullmatch(r"(exec\s+)?make\s+test", line) for line in lines), lines
