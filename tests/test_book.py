@@ -113,6 +113,37 @@ def test_chapter_has_exercises_with_solutions(path):
     assert not missing, f"exercises without a solution: {missing}"
 
 
+DIRECTIVE_FENCE = re.compile(r"^(`{3,})\{(exercise|solution)\}")
+
+
+def _broken_fences(text: str) -> list[str]:
+    """Exercise/solution blocks whose own fence is closed early by a nested code block.
+
+    Inside a block opened with N backticks, a line of N or more backticks followed by a
+    language (```python) is content, so the nested block's closing ``` ends the OUTER
+    block and the rest of the page is misparsed. The outer fence needs more backticks.
+    """
+    lines, broken = text.splitlines(), []
+    for i, line in enumerate(lines):
+        m = DIRECTIVE_FENCE.match(line)
+        if not m:
+            continue
+        n = len(m.group(1))
+        for inner in lines[i + 1:]:
+            if inner.strip() == "`" * n:
+                break
+            if re.match(rf"^`{{{n},}}\w", inner):
+                broken.append(line.strip())
+                break
+    return broken
+
+
+@pytest.mark.parametrize("path", PAGES, ids=_ids(PAGES))
+def test_exercise_fences_survive_nested_code(path):
+    broken = _broken_fences(_markdown(path))
+    assert not broken, f"use a longer outer fence (````) for blocks holding code: {broken}"
+
+
 def test_exercise_labels_are_unique():
     labels = [m.group(2) for p in PAGES for m in EXERCISE.finditer(_markdown(p))]
     duplicates = sorted({x for x in labels if labels.count(x) > 1})
