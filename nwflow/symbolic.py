@@ -314,19 +314,17 @@ def lambdify_field(
     """A numpy function f(xs, ys, t, sigma_min) of a symbolic result.
 
     ``xs`` (B, d) queries, ``ys`` (n, d) support values, ``t`` a number or (B,) array,
-    ``sigma_min`` a number (also used for the generic ``sigma`` when the expression still
-    holds it, which is then evaluated on the path). Returns (B, k) for a vector or list of
-    k expressions, (B,) for a scalar; float64.
+    ``sigma_min`` a number. An expression that still holds the generic ``sigma`` is
+    evaluated on the path (sigma = sigma_t). Returns (B, k) for a vector or a list of k
+    expressions, (B,) for a scalar; float64.
     """
-    if isinstance(expr, sp.MatrixBase):
-        items = list(expr)
-    elif isinstance(expr, (list, tuple)):
-        items = list(expr)
-    else:
-        items = [expr]
+    items = list(expr) if isinstance(expr, (sp.MatrixBase, list, tuple)) else [expr]
     items = [on_path(sp.sympify(e)) for e in items]
     d, n = x.shape[0], len(Y)
     ysyms = [s for y in Y for s in y]
+    extra = set().union(*(e.free_symbols for e in items)) - {t, sigma_min, *x, *ysyms}
+    if extra:
+        raise ValueError(f"expr has symbols other than t, sigma_min, x and Y: {sorted(map(str, extra))}")
     f = sp.lambdify([t, sigma_min, *x, *ysyms], items, modules="numpy")
     scalar = not isinstance(expr, (sp.MatrixBase, list, tuple))
 

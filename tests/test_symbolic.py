@@ -250,6 +250,8 @@ def test_bad_arguments():
         S.dot(S.vector("a", 2), S.vector("b", 3))
     with pytest.raises(ValueError, match="x and mean"):
         S.gaussian_log_likelihood(S.vector("a", 2), S.vector("b", 3), S.sigma)
+    with pytest.raises(ValueError, match="symbols other than"):
+        S.lambdify_field(S.vector("s", D), X, Y)
     f = S.lambdify_field(S.posterior_mean(X, Y), X, Y)
     with pytest.raises(ValueError, match="xs must"):
         f(np.zeros((4, 3)), np.zeros((N, D)), 0.5)
