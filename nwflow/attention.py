@@ -93,7 +93,7 @@ class GaussianKernelAttention(nn.Module):
         coef = torch.float32 if self.keys.device.type == "mps" else torch.float64
         tt = check_time(t, batch=x.shape[0], dtype=coef, device=self.keys.device, name="t",
                         sigma_min=self.sigma_min)
-        return x.reshape(x.shape[0], -1).to(self.keys.dtype), tt
+        return x.reshape(x.shape[0], self.keys.shape[1] - 1).to(self.keys.dtype), tt
 
     def _query(self, xf: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
         s2 = (1.0 - (1.0 - self.sigma_min) * tt).square()

@@ -440,3 +440,17 @@ def test_bad_input_names_the_argument():
             f(x.double(), 0.5, X)
     # t = 1 is fine once sigma_min > 0.
     assert torch.isfinite(nwflow.velocity(x, 1.0, X, sigma_min=0.01)).all()
+
+
+def test_empty_batch_and_single_support_point():
+    X = torch.randn(5, 3, dtype=torch.float64)
+    empty = torch.zeros(0, 3, dtype=torch.float64)
+    assert nwflow.velocity(empty, 0.5, X).shape == (0, 3)
+    assert nwflow.posterior_weights(empty, 0.5, X).shape == (0, 5)
+    assert nwflow.effective_neighbours(empty, 0.5, X).shape == (0,)
+    # One support point: the field is the conditional target toward it, n_eff = 1.
+    x1 = X[:1]
+    y = torch.randn(4, 3, dtype=torch.float64)
+    for t in (0.0, 0.5, 0.999):
+        torch.testing.assert_close(nwflow.velocity(y, t, x1), (x1 - y) / (1 - t), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(nwflow.effective_neighbours(y, t, x1), torch.ones(4, dtype=torch.float64))
