@@ -28,6 +28,8 @@ from collections.abc import Callable
 
 import torch
 
+from nwflow._progress import progress_bar
+
 __all__ = ["integrate", "integrate_adaptive", "METHODS", "ADAPTIVE_METHODS"]
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -123,9 +125,7 @@ def integrate(
     times = times64.to(device=x.device, dtype=x.dtype)
     trajectory = [x] if return_trajectory else None
 
-    from tqdm.auto import tqdm
-
-    for k in tqdm(range(int(steps)), disable=not progress, desc=f"{method} ({steps} steps)", leave=False):
+    for k in progress_bar(range(int(steps)), enabled=progress, desc=f"{method} ({steps} steps)", leave=False):
         t = times[k]
         h = (times64[k + 1] - times64[k]).to(device=x.device, dtype=x.dtype)
         last = k == int(steps) - 1

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
+from nwflow._progress import progress_bar
 from nwflow.settings import data_dir
 
 # Bump when the layout of cached arrays changes: old cache files then miss and are rebuilt.
@@ -120,8 +120,8 @@ def download(url: str, dest: Path, md5: str, progress: bool = True) -> Path:
         h = hashlib.md5()
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
             total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}",
-                      disable=not progress) as bar:
+            with progress_bar(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}",
+                              enabled=progress) as bar:
                 while chunk := response.read(1 << 20):
                     out.write(chunk)
                     h.update(chunk)
@@ -272,8 +272,8 @@ def decode_many(files: ImageFiles, names: list[str], size: int | None, desc: str
     workers = max(1, min(8, os.cpu_count() or 1))
     out: np.ndarray | None = None
     block = 512
-    with ThreadPoolExecutor(workers) as pool, tqdm(total=len(names), desc=desc, unit="img",
-                                                   disable=not progress) as bar:
+    with ThreadPoolExecutor(workers) as pool, progress_bar(total=len(names), desc=desc, unit="img",
+                                                           enabled=progress) as bar:
         for start in range(0, len(names), block):
             chunk = names[start:start + block]
             blobs = [files.read(n) for n in chunk]
