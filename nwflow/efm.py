@@ -43,6 +43,7 @@ __all__ = [
     "efm_target",
     "TargetSampler",
     "hybrid_field",
+    "hybrid_samples",
     "alignment",
     "field_error",
 ]
@@ -207,6 +208,42 @@ def hybrid_field(first: VelocityFn, second: VelocityFn, tau: float) -> VelocityF
         return first(x, t) if float(t) < tau else second(x, t)
 
     return field
+
+
+@torch.no_grad()
+def hybrid_samples(first: VelocityFn, second: VelocityFn, x0: torch.Tensor, taus: list[float],
+                   steps: int = 50) -> torch.Tensor:
+    r"""End points of the hybrid sampler for several switching times (paper Figure 3).
+
+    For each tau: Euler on the grid t_k = k / steps, following ``first`` on [0, tau) and
+    ``second`` on [tau, 1] (:func:`hybrid_field`), from the same ``x0`` (B, *S). The path of
+    ``first`` is integrated once and shared by all tau. Every tau must be a multiple of
+    1 / steps. Returns (len(taus), B, *S). Chapter 6.
+    """
+    from nwflow.solvers import integrate
+
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    ks = []
+    for tau in taus:
+        if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not 0.0 <= tau <= 1.0:
+            raise ValueError(f"taus must be numbers in [0, 1], got {tau!r}")
+        k = round(tau * steps)
+        if abs(k - tau * steps) > 1e-9:
+            raise ValueError(f"tau = {tau} is not on the grid k / {steps}: choose steps so that it is")
+        ks.append(k)
+    k_max = max(ks)
+    if k_max > 0:
+        _, path, _ = integrate(first, x0, 0.0, k_max / steps, steps=k_max, return_trajectory=True)
+    else:
+        path = x0[None]
+    out = []
+    for k in ks:
+        x = path[k]
+        if k < steps:
+            x = integrate(second, x, k / steps, 1.0, steps=steps - k)
+        out.append(x)
+    return torch.stack(out)
 
 
 def _field(support: torch.Tensor, sigma_min: float) -> EmpiricalField:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import nwflow
-from nwflow.efm import TargetSampler, alignment, efm_target, field_error, hybrid_field
+from nwflow.efm import TargetSampler, alignment, efm_target, field_error, hybrid_field, hybrid_samples
 from nwflow.solvers import integrate
 
 
@@ -226,6 +226,24 @@ def test_hybrid_field_switches_at_tau():
                                torch.ones(2, 3), rtol=0, atol=1e-6)
     torch.testing.assert_close(integrate(hybrid_field(first, second, 0.0), x, steps=10),
                                -torch.ones(2, 3), rtol=0, atol=1e-6)
+
+
+def test_hybrid_samples_match_the_switched_field():
+    g = torch.Generator().manual_seed(12)
+    sup = torch.randn(15, 3, generator=g, dtype=torch.float64)
+    first = lambda x, t: nwflow.velocity(x, t, sup)  # noqa: E731
+    second = lambda x, t: -0.5 * x + torch.sin(3 * t)  # noqa: E731
+    x0 = torch.randn(7, 3, generator=g, dtype=torch.float64)
+    taus = [0.0, 0.3, 0.5, 1.0]
+    out = hybrid_samples(first, second, x0, taus, steps=20)
+    assert out.shape == (4, 7, 3)
+    for k, tau in enumerate(taus):
+        want = integrate(hybrid_field(first, second, tau), x0, steps=20)
+        torch.testing.assert_close(out[k], want, rtol=1e-10, atol=1e-10)
+    # tau = 1 follows the closed form to the end: Euler's last step lands on posterior means.
+    assert float(nwflow.metrics.nearest_neighbour_distance(out[-1], sup)[0].max()) < 1e-3
+    with pytest.raises(ValueError, match="grid"):
+        hybrid_samples(first, second, x0, [0.33], steps=20)
 
 
 def test_alignment_matches_reference():
