@@ -49,7 +49,7 @@ from nwflow.provenance import provenance, write_json_atomic
 __all__ = ["PRESETS", "preset", "run_experiment", "main"]
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "fast": dict(steps=60, n_tasks=8, width=64, heads=4, layers=2, eval_tasks=4, n_generated=200,
+    "fast": dict(steps=40, n_tasks=8, width=64, heads=4, layers=2, eval_tasks=4, n_generated=200,
                  ode_steps=50, probe_queries=32),
     "cpu": dict(steps=1500, n_tasks=16, width=64, heads=4, layers=2, eval_tasks=20, n_generated=500,
                 ode_steps=100, probe_queries=64),
