@@ -144,6 +144,29 @@ def test_exercise_fences_survive_nested_code(path):
     assert not broken, f"use a longer outer fence (````) for blocks holding code: {broken}"
 
 
+def _labels(path: Path) -> list[str]:
+    """Cross-reference targets a page defines: figures, equations, directive labels, MyST targets."""
+    text = _markdown(path)
+    found = re.findall(r"\$\$\s*\(([\w:-]+)\)", text)                  # $$ ... $$ (eq-name)
+    found += re.findall(r"^\s*:(?:label|name):\s*(\S+)", text, re.M)      # directive options
+    found += re.findall(r"^\(([\w:-]+)\)=\s*$", text, re.M)              # (target)=
+    if path.suffix == ".ipynb":
+        for cell in _cells(path):
+            figure = cell.get("metadata", {}).get("mystnb", {}).get("figure", {})
+            if "name" in figure:
+                found.append(figure["name"])
+    return found
+
+
+def test_cross_reference_labels_are_unique_across_the_book():
+    seen: dict[str, list[str]] = {}
+    for page in PAGES:
+        for label in _labels(page):
+            seen.setdefault(label, []).append(page.relative_to(ROOT).as_posix())
+    duplicates = {k: v for k, v in seen.items() if len(v) > 1}
+    assert not duplicates, f"labels defined more than once (Sphinx warns, -W fails): {duplicates}"
+
+
 def test_exercise_labels_are_unique():
     labels = [m.group(2) for p in PAGES for m in EXERCISE.finditer(_markdown(p))]
     duplicates = sorted({x for x in labels if labels.count(x) > 1})
