@@ -159,10 +159,24 @@ def test_cifar_accuracy(cifar, dtype, tol, sigma_min):
                          reference(xn, tn, X, sigma_min)["u"]) <= tol
 
 
-def test_near_tie_at_small_noise_fp32():
+def _spy(monkeypatch, name):
+    """Count the rows EmpiricalField.<name> is asked to recompute."""
+    calls = []
+    original = getattr(EmpiricalField, name)
+
+    def spy(self, xf, tt, rows, *args, **kwargs):
+        calls.append(rows.numel())
+        return original(self, xf, tt, rows, *args, **kwargs)
+
+    monkeypatch.setattr(EmpiricalField, name, spy)
+    return calls
+
+
+def test_near_tie_at_small_noise_fp32(monkeypatch):
     """Two support points almost equidistant from x at t = 0.999, far from the origin: the
     matrix-product logits (size ~1e8) cannot resolve their gap of a few units in fp32; the
-    exact refinement does."""
+    rows are recomputed from their candidates in float64."""
+    refined = _spy(monkeypatch, "_from_candidates")
     X64 = torch.tensor([[100.0, 100.0], [100.0, 100.002], [103.0, 97.0]], dtype=torch.float64)
     t = 0.999
     s = 1 - t
@@ -173,11 +187,27 @@ def test_near_tie_at_small_noise_fp32():
     assert float(ref["w"][:, :2].min()) > 1e-3  # both points carry weight: a genuine near-tie
     assert worst_rel(nwflow.velocity(x, t, X), ref["u"]) <= 1e-4
     assert float((nwflow.posterior_weights(x, t, X).double() - ref["w"]).abs().max()) <= 1e-4
+    assert refined and refined[0] == x.shape[0]
+
+
+def test_near_a_zero_of_the_velocity_fp32(monkeypatch):
+    """Queries next to the centre of a symmetric support, where m(x, t) ~ x and u is small:
+    fp32 rounding of the soft weights is amplified (a plain fp32 evaluation misses 1e-4
+    here), so the rows are recomputed by the float64 pass."""
+    wide = _spy(monkeypatch, "_wide_pass")
+    g = torch.Generator().manual_seed(0)
+    for d in (1, 2, 8):
+        half = 0.5 * torch.randn(200, d, generator=g, dtype=torch.float64) + 5.0
+        X = torch.cat([half, -half]).float()  # symmetric about 0
+        x = (torch.randn(32, d, generator=g, dtype=torch.float64) * 1e-3).float()
+        for t in (0.3, 0.5):
+            assert worst_rel(nwflow.velocity(x, t, X), reference(x, t, X, 0.0)["u"]) <= 1e-4
+            assert worst_rel(nwflow.score(x, t, X), reference(x, t, X, 0.0)["s"]) <= 1e-4
+    assert sum(wide) > 0
 
 
 def test_soft_weights_far_from_origin_fp32():
-    """Data offset by 300 with soft weights: rows whose fp32 error bound is too large are
-    recomputed in float64, and the answer meets the fp32 target."""
+    """Data offset by 300 with soft weights: centring keeps the fp32 logits small."""
     X64, centres = mixture(300, 3, 300.0, seed=5)
     x64, tt = queries(X64, centres, [0.3, 0.6, 0.8], 0.0, per_t=8)
     X, x = X64.float(), x64.float()
