@@ -153,7 +153,8 @@ def integrate_adaptive(
     The step size is chosen so the local error estimate stays below atol + rtol |x|.
     Dormand-Prince ("dopri5", the default) evaluates the field at the end of each
     accepted step, so for the exact field with sigma_min = 0 stop short of 1
-    (``t1 = 1 - 1e-3``).
+    (``t1 = 1 - 1e-3``). Steps end on the recording grid, so the field is only evaluated
+    at times between t0 and t1.
 
     - ``velocity_fn(x, t)``: as in :func:`integrate` (t a 0-d tensor).
     - ``times``: optional increasing (or decreasing) 1-d grid from t0 to t1 at which to
@@ -184,8 +185,11 @@ def integrate_adaptive(
         if abs(float(grid[0]) - t0) > 1e-12 or abs(float(grid[-1]) - t1) > 1e-12:
             raise ValueError(f"times must run from t0 = {t0} to t1 = {t1}, got "
                              f"{float(grid[0])} ... {float(grid[-1])}")
+    # torchdiffeq's adaptive steps may overshoot the last requested time and interpolate
+    # back; "step_t" makes every step stop on the grid, so the field is never evaluated
+    # outside [t0, t1] (beyond t1 = 0.999 lies the singular t = 1, or t > 1).
     trajectory = torchdiffeq.odeint(lambda t, y: velocity_fn(y, t), x, grid,
-                                    rtol=rtol, atol=atol, method=method)
+                                    rtol=rtol, atol=atol, method=method, options={"step_t": grid})
     if return_trajectory:
         return trajectory[-1], trajectory, grid
     return trajectory[-1]

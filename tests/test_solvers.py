@@ -101,6 +101,23 @@ def test_adaptive_matches_solution():
     assert float((loose - _exact(x0, 0.0, 1.0)).abs().max()) > float((x1 - _exact(x0, 0.0, 1.0)).abs().max())
 
 
+@pytest.mark.parametrize("method", ["dopri5", "bosh3", "adaptive_heun"])
+@pytest.mark.parametrize(("t0", "t1"), [(0.0, 0.3), (0.0, 0.999), (0.999, 0.0)])
+def test_adaptive_never_evaluates_outside_the_interval(method, t0, t1):
+    # A stiff field makes the controller take long trial steps; none may pass t1.
+    seen = []
+
+    def field(x, t):
+        seen.append(float(t))
+        return -5.0 * x
+
+    x0 = torch.ones(3, 2, dtype=torch.float64)
+    out = integrate_adaptive(field, x0, t0, t1, rtol=1e-3, atol=1e-3, method=method)
+    lo, hi = min(t0, t1), max(t0, t1)
+    assert lo - 1e-12 <= min(seen) and max(seen) <= hi + 1e-12, (min(seen), max(seen))
+    torch.testing.assert_close(out, x0 * math.exp(-5.0 * (t1 - t0)), rtol=1e-2, atol=1e-2)
+
+
 def test_bad_arguments():
     x0 = torch.zeros(2, 2)
     f = lambda x, t: x  # noqa: E731
