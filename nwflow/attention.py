@@ -119,8 +119,14 @@ class GaussianKernelAttention(nn.Module):
     def _mean_and_weights(self, xf: torch.Tensor, tt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self._query(xf, tt) @ self.keys.T
         # Softmax with the normalisation after the product: exp(l - max) V / sum exp(l - max)
-        # rounds once per output instead of once per weight.
-        p = logits.sub_(logits.amax(dim=1, keepdim=True)).exp_()
+        # rounds once per output instead of once per weight. The shift is a constant of
+        # the row (softmax ignores it), so it is detached; the ops stay out of place when
+        # autograd records them, so the head can be differentiated in x, t and the keys.
+        shift = logits.detach().amax(dim=1, keepdim=True)
+        if torch.is_grad_enabled() and logits.requires_grad:
+            p = (logits - shift).exp()
+        else:
+            p = logits.sub_(shift).exp_()
         total = p.sum(dim=1, keepdim=True)
         return (p @ self.values) / total, p / total
 

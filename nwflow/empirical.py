@@ -44,6 +44,13 @@ How it is computed (the exactness and memory guarantees the tests check):
 - The per-row coefficients t / sigma_t^2, t^2 / (2 sigma_t^2), 1 / sigma_t are formed in
   float64 from ``t`` and only then cast, so an fp32 run sees the same t as an fp64 one.
 - TF32 (and any reduced-precision fp32 matmul) is switched off inside the computation.
+- Gradients in x. The streamed pass works in place, so autograd does not record it;
+  instead posterior_mean, velocity and score carry their exact vector-Jacobian product.
+  Differentiating the softmax gives dm/dx = (t / sigma_t^2) Cov_w(X), the posterior
+  covariance of the support, so for an upstream gradient g the backward pass is one more
+  float64 pass over the support computing Cov_w(X) g = sum_j w_j (x^(j) - m) <x^(j) - m, g>.
+  (Gradients in t or in the support are not provided: use
+  :class:`nwflow.attention.GaussianKernelAttention`, which autograd records.)
 """
 
 from __future__ import annotations
@@ -149,6 +156,32 @@ class _Exact:
     weights: torch.Tensor | None = None  # (r, k) their exact weights; the rest are below eps
 
 
+def _detached(x: object) -> object:
+    # The exact pass runs outside autograd; a non-tensor goes on to the input checks.
+    return x.detach() if isinstance(x, torch.Tensor) else x
+
+
+class _ExactOutput(torch.autograd.Function):
+    """An output y = alpha m(x, t) - beta x of the field (mean, velocity or score) with its
+    exact gradient in x: x_bar = (t / sigma^2) Cov_w(X) (alpha y_bar) - beta y_bar."""
+
+    @staticmethod
+    def forward(ctx, xf, y, m, field, tt, alpha, beta):  # noqa: ANN001, ANN205 (autograd signature)
+        ctx.save_for_backward(xf, m, tt, alpha, beta)
+        ctx.field = field
+        return y
+
+    @staticmethod
+    def backward(ctx, y_bar):  # noqa: ANN001, ANN205
+        xf, m, tt, alpha, beta = ctx.saved_tensors
+        field = ctx.field
+        g = y_bar.to(field.wide) * alpha[:, None]
+        cov_g = field._covariance_product(xf, tt, m, g)
+        s2 = field._sigma(tt).square()
+        x_bar = (tt / s2)[:, None] * cov_g - beta[:, None] * y_bar.to(field.wide)
+        return x_bar.to(xf.dtype), None, None, None, None, None, None
+
+
 class EmpiricalField:
     r"""The closed-form field of one support set, with its centre and key norms cached.
 
@@ -195,7 +228,9 @@ class EmpiricalField:
         self.dtype = _compute_dtype(support.dtype)
         self.wide = _wide_dtype(support.device)
         self.device = support.device
-        self.support = support.reshape(support.shape[0], -1).to(self.dtype)
+        # The field carries no gradient into the support (see _differentiable): keep the flag only.
+        self._support_requires_grad = support.requires_grad
+        self.support = support.detach().reshape(support.shape[0], -1).to(self.dtype)
         self.chunk_size = chunk_size
         self.chunk_bytes = chunk_bytes
         self._eps = torch.finfo(self.dtype).eps
@@ -398,6 +433,57 @@ class EmpiricalField:
         exact = _Exact(rows, run_num / run_sum[:, None], run_sum.square() / run_sq)
         return exact, (torch.cat(kept, dim=1) if keep_logits else None)
 
+    def _covariance_product(self, xf: torch.Tensor, tt: torch.Tensor, m: torch.Tensor,
+                            g: torch.Tensor) -> torch.Tensor:
+        """Cov_w(X) g = sum_j w_j (x^(j) - m) <x^(j) - m, g> per row, (B, D) in float64.
+
+        One streamed pass in the wide dtype. ``m`` is the forward result; centring on it
+        rather than on the float64 mean changes the product only at second order in their
+        difference (Cov = E[(X - m')(X - m')^T] - (m - m')(m - m')^T).
+        """
+        W = self.wide
+        x, mw = xf.to(W), m.to(W)
+        s2 = self._sigma(tt).square()
+        q = (x - tt[:, None] * self._center_wide) * (tt / s2)[:, None]
+        a = tt.square() / (2.0 * s2)
+        B, D = x.shape
+        run_max = torch.full((B,), -torch.inf, dtype=W, device=self.device)
+        run_sum = torch.zeros(B, dtype=W, device=self.device)
+        run_num = torch.zeros(B, D, dtype=W, device=self.device)
+        mg = (mw * g).sum(dim=1)
+        step = max(1, min(self._support_rows(), self.chunk_bytes // (8 * max(B, 1))))
+        for start in range(0, self.n, step):
+            Xw = self.support[start:start + step].to(W)
+            p = (q @ Xw.T).addr_(a, torch.linalg.vector_norm(Xw - self._center_wide, dim=1).square(),
+                                 alpha=-1.0)
+            new_max = torch.maximum(run_max, p.amax(dim=1))
+            scale = torch.exp(run_max - new_max)
+            p.sub_(new_max[:, None]).exp_()
+            run_sum.mul_(scale).add_(p.sum(dim=1))
+            # p_j <x^(j) - m, g>, then sum_j of that times (x^(j) - m).
+            pg = p.mul_((g @ Xw.T).sub_(mg[:, None]))
+            run_num.mul_(scale[:, None]).addmm_(pg, Xw).sub_(pg.sum(dim=1)[:, None] * mw)
+            run_max = new_max
+        return run_num / run_sum[:, None]
+
+    def _differentiable(self, x: torch.Tensor, t: float | torch.Tensor) -> bool:
+        """Whether autograd needs this call's gradient in x (t and the support have none)."""
+        if not torch.is_grad_enabled():
+            return False
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            raise ValueError("t requires grad: EmpiricalField differentiates in x only; use "
+                             "nwflow.attention.GaussianKernelAttention for gradients in t")
+        if self._support_requires_grad:
+            raise ValueError("support requires grad: EmpiricalField differentiates in x only; use "
+                             "nwflow.attention.GaussianKernelAttention for gradients in the support")
+        return isinstance(x, torch.Tensor) and x.requires_grad
+
+    def _with_gradient(self, x: torch.Tensor, xf: torch.Tensor, tt: torch.Tensor, y: torch.Tensor,
+                       m: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        """y (B, D) connected to x for autograd, with the exact vector-Jacobian product."""
+        xg = x.reshape(x.shape[0], -1).to(self.dtype)
+        return _ExactOutput.apply(xg, y, m.detach(), self, tt, alpha, beta)
+
     def _solve(self, xf: torch.Tensor, tt: torch.Tensor, kind: str) -> tuple[_Pass, list[_Exact]]:
         """The streamed pass plus the rows recomputed exactly, for ``kind`` in
         {"mean", "velocity", "score", "neff"} (which decides the accuracy test)."""
@@ -511,38 +597,56 @@ class EmpiricalField:
 
     def posterior_mean(self, x: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
         """m(x, t) = sum_j w_j x^(j) = E[x1 | x_t = x]; shape of x."""
-        xf, tt = self._query(x, t)
+        grad = self._differentiable(x, t)
+        xf, tt = self._query(_detached(x), t)
         with exact_matmul():
             result, exact = self._solve(xf, tt, "mean")
             m = result.mean
             for e in exact:
                 m[e.rows] = e.mean.to(self.dtype)
+            if grad:
+                one = torch.ones_like(tt)
+                m = self._with_gradient(x, xf, tt, m, m, one, torch.zeros_like(tt))
         return self._out(m, xf.shape[0])
 
     def velocity(self, x: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
         """u(x, t) = (m(x, t) - (1 - sigma_min) x) / sigma_t; shape of x."""
-        xf, tt = self._query(x, t)
+        grad = self._differentiable(x, t)
+        xf, tt = self._query(_detached(x), t)
         c = 1.0 - self.sigma_min
         with exact_matmul():
             result, exact = self._solve(xf, tt, "velocity")
+            m = result.mean.clone() if grad else None
             u = result.mean.sub_(c * xf).mul_((1.0 / self._sigma(tt)).to(self.dtype)[:, None])
             for e in exact:
                 # m - (1 - sigma_min) x cancels as t -> 1 (m -> x): take it in the wide dtype.
                 xr = xf[e.rows].to(self.wide)
                 u[e.rows] = ((e.mean - c * xr) / self._sigma(tt[e.rows])[:, None]).to(self.dtype)
+                if m is not None:
+                    m[e.rows] = e.mean.to(self.dtype)
+            if m is not None:
+                inv_sigma = 1.0 / self._sigma(tt)
+                u = self._with_gradient(x, xf, tt, u, m, inv_sigma, c * inv_sigma)
         return self._out(u, xf.shape[0])
 
     def score(self, x: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
         """grad_x log p_t(x) = (t m(x, t) - x) / sigma_t^2; shape of x."""
-        xf, tt = self._query(x, t)
+        grad = self._differentiable(x, t)
+        xf, tt = self._query(_detached(x), t)
         with exact_matmul():
             result, exact = self._solve(xf, tt, "score")
+            m = result.mean.clone() if grad else None
             inv_s2 = (1.0 / self._sigma(tt).square()).to(self.dtype)[:, None]
             sc = result.mean.mul_(tt.to(self.dtype)[:, None]).sub_(xf).mul_(inv_s2)
             for e in exact:
                 xr, tr = xf[e.rows].to(self.wide), tt[e.rows]
                 sc[e.rows] = ((tr[:, None] * e.mean - xr) / self._sigma(tr).square()[:, None]
                               ).to(self.dtype)
+                if m is not None:
+                    m[e.rows] = e.mean.to(self.dtype)
+            if m is not None:
+                inv_s2 = 1.0 / self._sigma(tt).square()
+                sc = self._with_gradient(x, xf, tt, sc, m, tt * inv_s2, inv_s2)
         return self._out(sc, xf.shape[0])
 
     def effective_neighbours(self, x: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:

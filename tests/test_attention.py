@@ -118,6 +118,26 @@ def test_images_buffers_and_state_dict():
     assert head.n == 20 and "n=20" in repr(head)
 
 
+@pytest.mark.parametrize("sigma_min", [0.0, 0.01])
+def test_differentiable_in_x_and_t(sigma_min):
+    # A layer is trained through: autograd must see the whole head (no in-place softmax).
+    X = _mixture(40, 3, torch.float64)
+    head = GaussianKernelAttention(X, sigma_min=sigma_min)
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.1, 0.3, 0.5, 0.7, 0.9], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, t: head(x, t), (x, t))
+    # The Jacobian in x against its closed form ((t / sigma^2) Cov_w(X) - (1 - sigma_min) I) / sigma.
+    w, m, _ = _reference(x.detach(), t.detach(), X, sigma_min)
+    full = torch.autograd.functional.jacobian(lambda x: head(x, t.detach()), x.detach())  # (B, D, B, D)
+    J = torch.stack([full[b, :, b] for b in range(5)])
+    s = 1.0 - (1.0 - sigma_min) * t.detach()
+    centred = X[None] - m[:, None]                                       # (B, n, D)
+    cov = torch.einsum("bn,bni,bnj->bij", w, centred, centred)
+    eye = torch.eye(3, dtype=torch.float64)
+    expect = ((t.detach() / s**2)[:, None, None] * cov - (1.0 - sigma_min) * eye) / s[:, None, None]
+    torch.testing.assert_close(J, expect, rtol=1e-10, atol=1e-12)
+
+
 def test_bad_input():
     X = torch.randn(10, 3)
     head = GaussianKernelAttention(X)
