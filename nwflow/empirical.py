@@ -305,8 +305,14 @@ class EmpiricalField:
         return q, a
 
     def _logits(self, q: torch.Tensor, a: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """Logits q @ X_c^T - a ||X_c - c||^2 of one chunk, (B, c), computed in place."""
-        logits = q @ self.support[start:stop].T
+        """Logits q @ X_c^T - a ||X_c - c||^2 of one chunk, (B, c), computed in place.
+
+        The product is formed as (X_c @ q^T)^T, a transposed view of a (c, B) block: with the
+        support as the row-major left operand, CPU BLAS runs it ~1.5x faster than q @ X_c^T
+        (measured: 77 ms against 121 ms at c = 20,000, D = 3,072, B = 64), and the mean's
+        product p @ X_c is as fast from this layout.
+        """
+        logits = (self.support[start:stop] @ q.T).T
         return logits.addr_(a, self.key_norms[start:stop], alpha=-1.0)
 
     def _error_bound(self, q: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
