@@ -93,6 +93,14 @@ def check_same_shape(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str)
 
 def check_support(support: object, name: str = "support") -> torch.Tensor:
     """A non-empty (n, *S) floating-point tensor with finite values."""
+    return check_float_tensor(check_support_layout(support, name), name)
+
+
+def check_support_layout(support: object, name: str = "support") -> torch.Tensor:
+    """A non-empty (n, *S) floating-point tensor; its values are not inspected.
+
+    For callers that check finiteness themselves without an (n, D) mask (``EmpiricalField``).
+    """
     if not isinstance(support, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(support).__name__}")
     if not torch.is_floating_point(support):
@@ -103,7 +111,7 @@ def check_support(support: object, name: str = "support") -> torch.Tensor:
         )
     if support.shape[0] == 0:
         raise ValueError(f"{name} is empty (n = 0): the field needs at least one point")
-    return check_float_tensor(support, name)
+    return support
 
 
 def check_query(

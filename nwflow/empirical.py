@@ -62,7 +62,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nwflow._checks import check_query, check_sigma_min, check_time
+from nwflow._checks import check_query, check_sigma_min, check_support_layout, check_time
 
 __all__ = [
     "EmpiricalField",
@@ -207,16 +207,7 @@ class EmpiricalField:
         chunk_size: int | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     ) -> None:
-        if not isinstance(support, torch.Tensor):
-            raise TypeError(f"support must be a torch.Tensor, got {type(support).__name__}")
-        if not torch.is_floating_point(support):
-            raise TypeError(f"support must be a floating-point tensor, got dtype {support.dtype}")
-        if support.dim() < 2:
-            raise ValueError(
-                f"support must have shape (n, *S) with at least 2 dimensions, got {tuple(support.shape)}"
-            )
-        if support.shape[0] == 0:
-            raise ValueError("support is empty (n = 0): the field needs at least one point")
+        check_support_layout(support)
         if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                        or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")

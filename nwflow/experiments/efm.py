@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from nwflow.data import load_cifar10, load_imagenette
 from nwflow.efm import TargetSampler, alignment, field_error, hybrid_samples
 from nwflow.empirical import EmpiricalField
+from nwflow.experiments import configure
 from nwflow.metrics import leave_one_out_distance, memorisation_rate, nearest_neighbour_distance
 from nwflow.models import PreconditionedVelocity, UNet
 from nwflow.provenance import provenance, write_json_atomic
@@ -61,14 +62,7 @@ COMMON: dict[str, Any] = dict(lr=2e-4, seed=0, eval_seed=1000, precondition=True
 
 def preset(name: str, **overrides: Any) -> dict[str, Any]:
     """The configuration of preset ``name`` ("smoke", "gpu") with ``overrides`` applied."""
-    if name not in PRESETS:
-        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
-    config = {"preset": name, **COMMON, **PRESETS[name]}
-    unknown = set(overrides) - set(config)
-    if unknown:
-        raise ValueError(f"unknown configuration keys: {sorted(unknown)}")
-    config.update(overrides)
-    return config
+    return configure(PRESETS, COMMON, name, overrides)
 
 
 def _frac(cos: torch.Tensor) -> list[float]:

@@ -43,6 +43,7 @@ from nwflow.conditioner import (
     support_velocity,
     train_conditioner,
 )
+from nwflow.experiments import configure
 from nwflow.metrics import mmd2_unbiased
 from nwflow.provenance import provenance, write_json_atomic
 
@@ -63,14 +64,7 @@ COMMON: dict[str, Any] = dict(dim=8, support_size=50, query_size=64, sigma_min=0
 
 def preset(name: str, **overrides: Any) -> dict[str, Any]:
     """The configuration of preset ``name`` ("fast", "cpu", "gpu") with ``overrides`` applied."""
-    if name not in PRESETS:
-        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
-    config = {"preset": name, **COMMON, **PRESETS[name]}
-    unknown = set(overrides) - set(config)
-    if unknown:
-        raise ValueError(f"unknown configuration keys: {sorted(unknown)}")
-    config.update(overrides)
-    return config
+    return configure(PRESETS, COMMON, name, overrides)
 
 
 def run_experiment(config: dict[str, Any], device: str | torch.device = "cpu",
