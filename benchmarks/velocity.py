@@ -44,8 +44,10 @@ from typing import Any
 import torch
 
 import nwflow
-from nwflow.empirical import EmpiricalField, exact_matmul
-from nwflow.provenance import provenance, write_json_atomic
+from nwflow._io import write_json_atomic
+from nwflow._precision import exact_matmul
+from nwflow.empirical import EmpiricalField
+from nwflow.provenance import provenance
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CONFIGS = [(20000, 3072, 64), (50000, 3072, 16), (50000, 3072, 64), (50000, 3072, 256),

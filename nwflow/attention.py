@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from nwflow._checks import check_query, check_sigma_min, check_support, check_time
-from nwflow.empirical import exact_matmul
+from nwflow._precision import exact_matmul
 
 __all__ = ["GaussianKernelAttention"]
 

@@ -37,8 +37,8 @@ import torch
 from scipy.stats import rankdata
 from torch import nn
 
+from nwflow._precision import exact_matmul
 from nwflow.data.toy import gaussian_mixture, spherical_shells
-from nwflow.empirical import exact_matmul
 from nwflow.models.mlp import TimeEmbedding
 from nwflow.solvers import integrate
 from nwflow.train import train_velocity

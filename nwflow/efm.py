@@ -36,7 +36,8 @@ from collections.abc import Callable
 import torch
 
 from nwflow._checks import check_float_tensor, check_same_shape, check_sigma_min, check_time
-from nwflow.empirical import EmpiricalField, exact_matmul
+from nwflow._precision import exact_matmul
+from nwflow.empirical import EmpiricalField
 from nwflow.path import conditional_velocity, sample_xt
 
 __all__ = [

@@ -55,14 +55,13 @@ How it is computed (the exactness and memory guarantees the tests check):
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 from nwflow._checks import check_query, check_sigma_min, check_support_layout, check_time
+from nwflow._precision import DEFAULT_CHUNK_BYTES, WIDE, WIDE_BYTES, compute_dtype, exact_matmul
 
 __all__ = [
     "EmpiricalField",
@@ -71,16 +70,10 @@ __all__ = [
     "velocity",
     "score",
     "effective_neighbours",
-    "exact_matmul",
-    "DEFAULT_CHUNK_BYTES",
 ]
 
-# Budget for one (B, chunk) logit block. 256 MiB keeps the extra peak memory far below
-# 1 GiB at n = 400,000 while leaving CIFAR-sized problems unchunked.
-DEFAULT_CHUNK_BYTES = 256 * 2**20
 # Candidates per row kept for the exact refinement, and the float64 work-space per block.
 CANDIDATES = 64
-_WIDE_BYTES = 32 * 2**20
 # Work-space of the key-norm pass on the CPU: small enough to stay in cache.
 _CACHE_BYTES = 4 * 2**20
 # Safety factor on the rounding-error estimate of a logit (a product of two vectors and
@@ -94,43 +87,6 @@ _FALLBACK_TOL = 5e-5
 # largest error seen among them (the bound _error_bound caps the result).
 _OBSERVED = 8
 _OBSERVED_SAFETY = 8.0
-
-
-@contextlib.contextmanager
-def exact_matmul() -> Iterator[None]:
-    """Full fp32 precision for matrix products inside the block (no TF32, no bf16 passes).
-
-    The logits scale like 1 / sigma_t^2, so a 10-bit-mantissa product near t = 1 would
-    scramble the weights. Inside, ``torch.get_float32_matmul_precision()`` is "highest"
-    (on torch >= 2.9 that also sets the per-backend cuBLAS and oneDNN matmul precisions to
-    "ieee"). On exit the caller's settings come back, both the global one and, where torch
-    has them, the per-backend ones (so callers of either API are restored).
-    """
-    backends = [torch.backends.cuda.matmul, getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)]
-    saved = [(b, b.fp32_precision) for b in backends if b is not None and hasattr(b, "fp32_precision")]
-    try:
-        previous = torch.get_float32_matmul_precision()
-    except RuntimeError:  # backends set apart through the per-backend API: no global value
-        previous = None
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        if previous is not None:
-            torch.set_float32_matmul_precision(previous)
-        for backend, value in saved:
-            if backend.fp32_precision != value:
-                backend.fp32_precision = value
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    # Half-precision inputs are computed in fp32: the logits need the range.
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
-
-
-def _wide_dtype(device: torch.device) -> torch.dtype:
-    # float64 for coefficients and the refinement; MPS has none.
-    return torch.float32 if device.type == "mps" else torch.float64
 
 
 @dataclass
@@ -216,8 +172,8 @@ class EmpiricalField:
         self.sigma_min = check_sigma_min(sigma_min)
         self.sample_shape = tuple(support.shape[1:])
         self.input_dtype = support.dtype
-        self.dtype = _compute_dtype(support.dtype)
-        self.wide = _wide_dtype(support.device)
+        self.dtype = compute_dtype(support.dtype)
+        self.wide = WIDE
         self.device = support.device
         # The field carries no gradient into the support (see _differentiable): keep the flag only.
         self._support_requires_grad = support.requires_grad
@@ -241,7 +197,7 @@ class EmpiricalField:
 
     def _support_rows(self) -> int:
         """Support rows per block of the wide-dtype work-space."""
-        return max(1, _WIDE_BYTES // (self.support.shape[1] * 8))
+        return max(1, WIDE_BYTES // (self.support.shape[1] * 8))
 
     def _centre_and_norms(self) -> tuple[torch.Tensor, torch.Tensor]:
         """A centre c (D,) and the centred squared norms ||x^(j) - c||^2 (n,).
@@ -254,7 +210,7 @@ class EmpiricalField:
         """
         X, n, D = self.support, self.support.shape[0], self.support.shape[1]
         center = X[::max(1, -(-n // 1024))].mean(dim=0)
-        budget = _WIDE_BYTES if self.device.type != "cpu" else _CACHE_BYTES
+        budget = WIDE_BYTES if self.device.type != "cpu" else _CACHE_BYTES
         rows = max(1, budget // (D * self.support.element_size()))
         norms = torch.empty(n, dtype=self.dtype, device=self.device)
         for s in range(0, n, rows):
@@ -383,7 +339,7 @@ class EmpiricalField:
         Explicit differences ||x - t x^(j)||^2: no ||x||^2 - 2<x, X> + ||X||^2 cancellation.
         """
         k, D = index.shape[1], self.support.shape[1]
-        block = max(1, _WIDE_BYTES // (k * D * 8))
+        block = max(1, WIDE_BYTES // (k * D * 8))
         weights, means = [], []
         for s in range(0, rows.numel(), block):
             r, idx = rows[s:s + block], index[s:s + block]

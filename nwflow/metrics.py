@@ -20,7 +20,7 @@ import numbers
 
 import torch
 
-from nwflow.empirical import DEFAULT_CHUNK_BYTES, exact_matmul
+from nwflow._precision import DEFAULT_CHUNK_BYTES, exact_matmul
 
 __all__ = [
     "nearest_neighbours",

@@ -9,17 +9,15 @@ crash never leaves half a result on disk.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import platform
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["provenance", "write_json_atomic", "write_bytes_atomic", "git_commit"]
+__all__ = ["provenance", "git_commit"]
 
 
 def git_commit(repo: str | os.PathLike | None = None) -> str | None:
@@ -66,24 +64,3 @@ def provenance(config: dict[str, Any] | None = None, device: torch.device | str 
     if wall_time_s is not None:
         record["wall_time_s"] = float(wall_time_s)
     return record
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON to ``path`` atomically (see :func:`write_bytes_atomic`)."""
-    text = json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n"
-    return write_bytes_atomic(path, text.encode())

@@ -47,7 +47,8 @@ import torch
 from torch import nn
 
 from nwflow._checks import check_float_tensor, check_same_shape, check_time
-from nwflow.empirical import exact_matmul, posterior_weights
+from nwflow._precision import exact_matmul
+from nwflow.empirical import posterior_weights
 from nwflow.path import conditional_velocity, sample_xt
 
 __all__ = [

@@ -1,21 +1,38 @@
-"""Run-time settings read from the environment.
+"""Run-time settings read from the environment, and where runs keep their files.
 
 ``NWFLOW_FAST=1`` selects the small configuration of every chapter (tests and CI:
 seconds per notebook); unset, chapters run at their book size (minutes at most on a
 laptop CPU). ``NWFLOW_DATA_DIR`` points the loaders at local copies of the data sets.
+
+Files a run keeps, found one way by every chapter and runner:
+
+- committed results (JSON with provenance, small checkpoints): :func:`results_dir`,
+  ``book/results`` of the checkout, or ``NWFLOW_RESULTS_DIR``;
+- training checkpoints: :func:`checkpoint_path`, named after a hash of the run's
+  configuration (a changed run never resumes a stale file), under ``~/.cache/nwflow``
+  (or ``NWFLOW_CACHE_DIR``) in full mode, so an interrupted book build resumes, and in a
+  temporary folder removed when the process exits in fast mode.
 """
 
 from __future__ import annotations
 
+import atexit
+import hashlib
+import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
 T = TypeVar("T")
 
-__all__ = ["fast_mode", "pick", "data_dir", "default_device"]
+__all__ = ["fast_mode", "pick", "data_dir", "default_device", "results_dir", "cache_dir", "config_hash",
+           "checkpoint_path"]
+
+_SCRATCH: list[Path] = []
 
 
 def fast_mode() -> bool:
@@ -37,3 +54,46 @@ def data_dir() -> Path | None:
 def default_device() -> torch.device:
     """CUDA when available, else CPU: what the chapters run on."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def results_dir() -> Path:
+    """Where committed results live: ``NWFLOW_RESULTS_DIR``, else the checkout's ``book/results``."""
+    value = os.environ.get("NWFLOW_RESULTS_DIR", "").strip()
+    return Path(value).expanduser() if value else Path(__file__).resolve().parents[1] / "book" / "results"
+
+
+def _scratch() -> Path:
+    # One temporary folder per process, removed at exit (fast mode's checkpoints).
+    if not _SCRATCH:
+        path = Path(tempfile.mkdtemp(prefix="nwflow-"))
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
+        _SCRATCH.append(path)
+    return _SCRATCH[0]
+
+
+def cache_dir(name: str) -> Path:
+    """A folder for one chapter's or runner's caches, created if missing.
+
+    Full mode: ``NWFLOW_CACHE_DIR/name`` (default ``~/.cache/nwflow/name``), kept between
+    runs. Fast mode: a per-process temporary folder, removed when the process exits.
+    """
+    if not isinstance(name, str) or not name or os.sep in name:
+        raise ValueError(f"name must be a non-empty folder name, got {name!r}")
+    if fast_mode():
+        root = _scratch()
+    else:
+        value = os.environ.get("NWFLOW_CACHE_DIR", "").strip()
+        root = Path(value).expanduser() if value else Path.home() / ".cache" / "nwflow"
+    path = root / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """12 hex digits of SHA-1 over the configuration as sorted JSON."""
+    return hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def checkpoint_path(name: str, prefix: str, config: dict[str, Any]) -> Path:
+    """``cache_dir(name) / f"{prefix}-{config_hash(config)}.pt"``: resumable, never stale."""
+    return cache_dir(name) / f"{prefix}-{config_hash(config)}.pt"

@@ -14,7 +14,6 @@ it stopped, and one with another config refuses to overwrite it.
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -23,18 +22,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from nwflow._io import save_torch_atomic
 from nwflow._progress import progress_bar
-from nwflow.provenance import write_bytes_atomic
 
 __all__ = ["train_velocity"]
 
 BatchFn = Callable[[int, torch.Generator], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-
-
-def _save(path: Path, state: dict[str, Any]) -> None:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    write_bytes_atomic(path, buffer.getvalue())
 
 
 def train_velocity(
@@ -90,7 +83,7 @@ def train_velocity(
 
     def snapshot(step: int) -> None:
         if path is not None:
-            _save(path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+            save_torch_atomic(path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                          "generator": gen.get_state(), "history": history, "step": step,
                          "config": config})
 

@@ -15,7 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import nwflow
-from nwflow.empirical import EmpiricalField, exact_matmul
+from nwflow._precision import exact_matmul
+from nwflow.empirical import EmpiricalField
 
 REPO = Path(__file__).resolve().parents[1]
 T_GRID = [0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 0.995, 0.999]

@@ -6,7 +6,15 @@ import pytest
 import torch
 
 import nwflow
-from nwflow.path import alpha, bandwidth, conditional_target, conditional_velocity, sample_xt, sigma
+from nwflow.path import (
+    bandwidth,
+    conditional_target,
+    conditional_velocity,
+    expand_like,
+    sample_xt,
+    sigma,
+    time_per_row,
+)
 
 
 @pytest.mark.parametrize("sigma_min", [0.0, 0.01, 0.5])
@@ -21,7 +29,6 @@ def test_sigma_and_bandwidth(sigma_min):
     assert float(h[-1]) == pytest.approx(sigma_min)  # h(1) = sigma_min: nearest neighbour at 0
     assert bool((h[1:-1] > h[2:]).all())  # strictly decreasing in t
     assert bandwidth(0.5, sigma_min) == pytest.approx(float(h[5]))
-    assert alpha(0.3) == 0.3
 
 
 def test_sample_xt_endpoints_and_marginal_moments():
@@ -99,3 +106,19 @@ def test_bad_input():
         conditional_target(x, x, 1.0)
     with pytest.raises(TypeError, match="^t must be a number or a tensor"):
         sample_xt(x, x, None)
+
+
+def test_time_per_row_and_expand_like():
+    x = torch.zeros(4, 3, 2, dtype=torch.float64)
+    for t in (0.25, torch.tensor(0.25), torch.full((4,), 0.25)):
+        tt = time_per_row(t, x)
+        assert tt.shape == (4,) and tt.dtype == torch.float64 and bool((tt == 0.25).all())
+    assert time_per_row(0.5, x, dtype=torch.float32).dtype == torch.float32
+    assert expand_like(torch.arange(4.0), x).shape == (4, 1, 1)
+    torch.testing.assert_close(expand_like(torch.arange(4.0), x) * torch.ones(4, 3, 2),
+                               torch.arange(4.0)[:, None, None].expand(4, 3, 2))
+    with pytest.raises(ValueError, match="t has 3 entries but the batch has 4 rows"):
+        time_per_row(torch.zeros(3), x)
+    with pytest.raises(ValueError, match="singular"):
+        time_per_row(1.0, x, sigma_min=0.0)
+    assert float(time_per_row(1.0, x)[0]) == 1.0  # the path itself is defined at t = 1

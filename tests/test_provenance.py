@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from nwflow.provenance import provenance, write_json_atomic
+from nwflow._io import write_json_atomic
+from nwflow.provenance import provenance
 
 
 def test_provenance_record_is_json_and_complete(tmp_path):

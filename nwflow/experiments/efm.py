@@ -32,13 +32,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from nwflow._io import write_json_atomic
 from nwflow.data import load_cifar10, load_imagenette
 from nwflow.efm import TargetSampler, alignment, field_error, hybrid_samples
 from nwflow.empirical import EmpiricalField
 from nwflow.experiments import configure
 from nwflow.metrics import leave_one_out_distance, memorisation_rate, nearest_neighbour_distance
 from nwflow.models import PreconditionedVelocity, UNet
-from nwflow.provenance import provenance, write_json_atomic
+from nwflow.provenance import provenance
 from nwflow.solvers import integrate
 from nwflow.train import train_velocity
 

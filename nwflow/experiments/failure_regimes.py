@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from nwflow._io import write_json_atomic
 from nwflow.conditioner import (
     SupportConditionedVelocity,
     TaskConfig,
@@ -45,7 +46,7 @@ from nwflow.conditioner import (
 )
 from nwflow.experiments import configure
 from nwflow.metrics import mmd2_unbiased
-from nwflow.provenance import provenance, write_json_atomic
+from nwflow.provenance import provenance
 
 __all__ = ["PRESETS", "preset", "run_experiment", "main"]
 
