@@ -1,0 +1,131 @@
+r"""The one streaming softmax: an online log-sum-exp over blocks of keys, with accumulators.
+
+Book: Part I, chapter 3 (the streamed closed form and why per-chunk log-sum-exps must not
+simply be added).
+
+Every pass of the engine, and every dense kernel mean of the library, is this routine.
+For logits l_j (B, n) delivered in blocks, with running maximum M and the sums rescaled by
+exp(M_old - M_new) whenever the maximum grows, it returns for the weights
+w_j = softmax_j(l_j):
+
+.. math::
+
+    Z = \sum_j e^{l_j - M}, \quad
+    \bar v = \sum_j w_j f_j v_j, \quad
+    \bar f = \sum_j w_j f_j, \quad
+    S = \sum_j w_j^2, \quad
+    \bar s = \sum_j w_j s_j,
+
+with values v_j (n, D), optional per-pair factors f_j (B, n) (default 1) and per-key scalars
+s_j (n,), plus each row's K largest logits and their indices. The result does not depend on
+how the keys are split into blocks, and memory is that of one block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Block", "Accumulated", "online_softmax", "softmax_mean"]
+
+
+@dataclass
+class Block:
+    """One block of keys: ``logits`` (B, c), consumed (overwritten) by the pass; ``values`` (c, D);
+    ``factor`` (B, c) multiplying the weights in the value sum; ``scalars`` (c,); ``start``,
+    the index of the block's first key (for the top-K indices)."""
+
+    logits: torch.Tensor
+    values: torch.Tensor | None = None
+    factor: torch.Tensor | None = None
+    scalars: torch.Tensor | None = None
+    start: int = 0
+
+
+@dataclass
+class Accumulated:
+    """What one pass returns per row: the normalised sums of :func:`online_softmax`."""
+
+    row_max: torch.Tensor                   # (B,) largest logit M
+    mean: torch.Tensor | None = None        # (B, D) sum_j w_j f_j v_j
+    factor_mean: torch.Tensor | None = None  # (B,) sum_j w_j f_j (with a factor)
+    square: torch.Tensor | None = None      # (B,) sum_j w_j^2
+    scalar: torch.Tensor | None = None      # (B,) sum_j w_j s_j
+    top_logits: torch.Tensor | None = None  # (B, K) the K largest logits, descending
+    top_index: torch.Tensor | None = None   # (B, K) their key indices
+
+
+def _rescaled(total: torch.Tensor | None, scale: torch.Tensor, add: torch.Tensor) -> torch.Tensor:
+    # total * scale + add, in place after the first block (total is None before it).
+    return add if total is None else total.mul_(scale).add_(add)
+
+
+def online_softmax(blocks: Iterable[Block], squares: bool = False, top_k: int = 0) -> Accumulated:
+    r"""Stream ``blocks`` of logits through one online log-sum-exp.
+
+    .. math::
+
+        M \leftarrow \max(M, \max_j l_j), \qquad
+        A \leftarrow A\, e^{M_{\rm old} - M} + \sum_{j \in \text{block}} e^{l_j - M} a_j
+
+    for every accumulator A (the normaliser, the value, factor, square and scalar sums), then
+    each is divided by the normaliser. Shapes: each block's logits (B, c), values (c, D),
+    factor (B, c), scalars (c,); at least one block. With ``squares`` it also returns
+    sum_j w_j^2 (n_eff = 1 / that); with ``top_k`` > 0 each row's ``top_k`` largest logits.
+    Chapter 3.
+    """
+    run_max = total = num = fsum = sq = sc = top_v = top_i = None
+    for block in blocks:
+        p = block.logits
+        if top_k:
+            v, i = torch.topk(p, min(top_k, p.shape[1]), dim=1)
+            i += block.start
+            if top_v is not None:
+                v, j = torch.topk(torch.cat([top_v, v], 1), min(top_k, top_v.shape[1] + v.shape[1]), dim=1)
+                i = torch.cat([top_i, i], 1).gather(1, j)
+            top_v, top_i = v, i
+        block_max = p.amax(dim=1)
+        new_max = block_max if run_max is None else torch.maximum(run_max, block_max)
+        # exp(M_old - M_new) rescales what was summed so far.
+        scale = None if run_max is None else torch.exp(run_max - new_max)
+        p.sub_(new_max[:, None]).exp_()                         # e^{l_j - M}
+        total = _rescaled(total, scale, p.sum(dim=1))
+        if squares:
+            sq = _rescaled(sq, None if scale is None else scale.square(), p.square().sum(dim=1))
+        if block.scalars is not None:
+            sc = _rescaled(sc, scale, p @ block.scalars)
+        if block.values is not None:
+            pw = p if block.factor is None else p.mul_(block.factor)
+            if block.factor is not None:
+                fsum = _rescaled(fsum, scale, pw.sum(dim=1))
+            num = pw @ block.values if num is None else num.mul_(scale[:, None]).addmm_(pw, block.values)
+        run_max = new_max
+    if run_max is None:
+        raise ValueError("blocks is empty: the softmax needs at least one key")
+    return Accumulated(
+        row_max=run_max,
+        mean=None if num is None else num.div_(total[:, None]),
+        factor_mean=None if fsum is None else fsum.div_(total),
+        square=None if sq is None else sq.div_(total.square()),
+        scalar=None if sc is None else sc.div_(total),
+        top_logits=top_v, top_index=top_i,
+    )
+
+
+def softmax_mean(logits: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    r"""The kernel mean of one dense block: softmax over the last axis, times the values.
+
+    .. math:: m_b = \sum_j \operatorname{softmax}_j(l_{bj})\, v_j
+
+    Shapes: ``logits`` (B, n), ``values`` (n, D); returns (B, D) in the logits' dtype (the
+    logits are not modified). For small problems whose logits the caller has formed; the
+    exact engine (:class:`nwflow.EmpiricalField`) streams large ones. Chapter 3.
+    """
+    if logits.dim() != 2 or values.dim() != 2 or logits.shape[1] != values.shape[0]:
+        raise ValueError(f"logits (B, n) and values (n, D) must agree on n, got {tuple(logits.shape)} "
+                         f"and {tuple(values.shape)}")
+    if logits.shape[1] == 0:
+        raise ValueError("logits has no keys (n = 0): the softmax needs at least one")
+    return online_softmax([Block(logits.clone(), values.to(logits.dtype))]).mean
