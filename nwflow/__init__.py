@@ -6,6 +6,7 @@ The book (``book/``) derives every formula here; the docstrings point at its cha
 """
 
 from nwflow import data, metrics
+from nwflow._version import __version__
 from nwflow.attention import GaussianKernelAttention
 from nwflow.empirical import (
     EmpiricalField,
@@ -18,9 +19,8 @@ from nwflow.empirical import (
 from nwflow.path import bandwidth, conditional_target, conditional_velocity, sample_xt, sigma
 from nwflow.solvers import integrate, integrate_adaptive
 
-__version__ = "0.1.0"
-
 __all__ = [
+    "__version__",
     "EmpiricalField",
     "GaussianKernelAttention",
     "bandwidth",
