@@ -382,7 +382,7 @@ def test_real_lossless_pixels_are_exact(lossless):
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_real_jpeg_counts_and_pairing_with_lossless(split, lossless, tmp_path):
     with _archive.ImageFiles(REAL / "cifar10-jpeg.zip") as files:
-        names, labels = cifar10._jpeg_items(files, split)
+        names, labels = _archive.labelled_members(files, split, cifar10.CIFAR10_CLASSES)
     per_class = {"train": 5000, "test": 1000}[split]
     assert len(names) == 10 * per_class
     np.testing.assert_array_equal(np.bincount(labels), [per_class] * 10)

@@ -212,7 +212,8 @@ needs_real = pytest.mark.skipif(not (REAL / "imagenette-64.zip").is_file(),
 @needs_real
 def test_real_counts_classes_and_downsampling(tmp_path):
     with _archive.ImageFiles(REAL / "imagenette-64.zip") as files:
-        counts = {s: np.bincount(imagenette._items(files, s)[1], minlength=10) for s in ("train", "val")}
+        counts = {s: np.bincount(_archive.labelled_members(files, s, imagenette.IMAGENETTE_WNIDS)[1],
+                                 minlength=10) for s in ("train", "val")}
     assert counts["train"].sum() == 9469 and counts["val"].sum() == 3925
     assert (counts["train"] > 800).all() and (counts["val"] > 300).all()   # all ten wnids present
     x64, y64 = load_imagenette(REAL, split="val", size=64, limit=30, cache_dir=tmp_path, progress=False)

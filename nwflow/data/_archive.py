@@ -213,6 +213,24 @@ def split_members(names: list[str], split: str) -> list[tuple[str, str, str]]:
     return out
 
 
+def labelled_members(files: ImageFiles, split: str, classes: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """Member names of one split laid out ``<split>/<class>/<file>``, class-interleaved (see
+    :func:`interleave`), and their labels ``classes.index(<class>)`` as int64 (N,).
+
+    Raises ``ValueError`` for a class folder not in ``classes`` or a split with no images.
+    """
+    found = split_members(files.names(), split)
+    unknown = sorted({c for _, c, _ in found} - set(classes))
+    if unknown:
+        raise ValueError(f"{files.path}: unknown class folder(s) {unknown}; expected {tuple(classes)}")
+    if not found:
+        raise ValueError(f"{files.path} holds no images under {split}/<class>/")
+    order = interleave([(classes.index(c), f) for _, c, f in found])
+    names = [found[i][0] for i in order]
+    labels = np.array([classes.index(found[i][1]) for i in order], dtype=np.int64)
+    return names, labels
+
+
 @functools.lru_cache(maxsize=32)
 def area_weights(n_in: int, n_out: int) -> np.ndarray:
     """(n_out, n_in) area-averaging weights: W[i, j] = overlap of input pixel [j, j + 1) with

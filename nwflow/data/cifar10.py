@@ -1,6 +1,7 @@
 r"""CIFAR-10 (Krizhevsky 2009): 50,000 training and 10,000 test images, 32 x 32 RGB, 10 classes.
 
-Book: Part III (the closed form at CIFAR-10 scale: memorisation, nearest neighbours).
+Book: Part II, chapter 6 (the closed form's alignment with the conditional target, memorisation);
+the planned Part III runs it at CIFAR-10 scale.
 
 ``load_cifar10(root, split)`` returns ``(images, labels)``: images float (N, 3, 32, 32) in
 [-1, 1] (x / 127.5 - 1 of the uint8 pixels), labels int64 (N,) indexing
@@ -76,20 +77,6 @@ def _read_batches(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
         images.append(data.reshape(-1, 3, 32, 32))
         labels.append(np.asarray(lab, dtype=np.int64))
     return np.concatenate(images), np.concatenate(labels)
-
-
-def _jpeg_items(files: A.ImageFiles, split: str) -> tuple[list[str], np.ndarray]:
-    """Member names of one split, class-interleaved, and their labels."""
-    found = A.split_members(files.names(), split)
-    unknown = sorted({c for _, c, _ in found} - set(CIFAR10_CLASSES))
-    if unknown:
-        raise ValueError(f"{files.path}: unknown class folder(s) {unknown}; expected {CIFAR10_CLASSES}")
-    if not found:
-        raise ValueError(f"{files.path} holds no images under {split}/<class>/")
-    order = A.interleave([(CIFAR10_CLASSES.index(c), f) for _, c, f in found])
-    names = [found[i][0] for i in order]
-    labels = np.array([CIFAR10_CLASSES.index(found[i][1]) for i in order], dtype=np.int64)
-    return names, labels
 
 
 def _read_lossless(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -168,8 +155,8 @@ def load_cifar10(
         images, labels = _read_lossless(path, split)
     else:
         images, labels = A.load_or_decode(path, f"cifar10-{split}", cache_dir,
-                                          lambda files: _jpeg_items(files, split), None, 32, limit,
-                                          f"decode CIFAR-10 {split}", progress)
+                                          lambda files: A.labelled_members(files, split, CIFAR10_CLASSES),
+                                          None, 32, limit, f"decode CIFAR-10 {split}", progress)
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
     if labels.size and (labels.min() < 0 or labels.max() >= len(CIFAR10_CLASSES)):

@@ -1,7 +1,7 @@
 r"""DINOv2 ViT-S/14 image features in plain PyTorch, with the official parameter names.
 
-Book: Part II, chapter 5 (when kernel smoothing fails: the feature-space experiment) and
-Part III (Imagenette in DINOv2 feature space).
+Book: Part II, chapter 5 (when kernel smoothing fails: the feature-space experiment); the
+planned Part III reuses it for Imagenette in DINOv2 feature space.
 
 The support-conditioned flow-matching paper runs its ImageNet experiment on DINOv2 ViT-S/14
 CLS features reduced by PCA. This module rebuilds that backbone without the DINOv2 package

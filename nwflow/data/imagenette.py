@@ -1,6 +1,7 @@
 r"""Imagenette 2 (Howard 2019): ten easy ImageNet classes, 9,469 training and 3,925 validation images.
 
-Book: Part III (dimension sweeps: the same images at 8, 16, 32 and 64 pixels a side).
+Book: Part II, chapters 5 (DINOv2 features) and 6 (dimension sweeps: the same images at 8, 16,
+32 and 64 pixels a side); the planned Part III runs the sweeps at full size.
 
 ``load_imagenette(root, split, size)`` returns ``(images, labels)``: images float
 (N, 3, size, size) in [-1, 1] (x / 127.5 - 1 of the uint8 pixels), labels int64 (N,)
@@ -27,7 +28,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from nwflow.data import _archive as A
@@ -64,21 +64,6 @@ def _find(root: Path, download: bool, cache_dir: str | os.PathLike | None, progr
     raise FileNotFoundError(
         f"no Imagenette found; looked for: {', '.join(looked)}. Pass download=True to fetch "
         f"{IMAGENETTE_URL}, or point root / NWFLOW_DATA_DIR at a folder holding one of these.")
-
-
-def _items(files: A.ImageFiles, split: str) -> tuple[list[str], np.ndarray]:
-    """Member names of one split, class-interleaved, and their labels."""
-    found = A.split_members(files.names(), split)
-    unknown = sorted({c for _, c, _ in found} - set(IMAGENETTE_WNIDS))
-    if unknown:
-        raise ValueError(f"{files.path}: unknown class folder(s) {unknown}; expected the wnids "
-                         f"{IMAGENETTE_WNIDS}")
-    if not found:
-        raise ValueError(f"{files.path} holds no images under {split}/<wnid>/")
-    order = A.interleave([(IMAGENETTE_WNIDS.index(c), f) for _, c, f in found])
-    names = [found[i][0] for i in order]
-    labels = np.array([IMAGENETTE_WNIDS.index(found[i][1]) for i in order], dtype=np.int64)
-    return names, labels
 
 
 def load_imagenette(
@@ -118,8 +103,9 @@ def load_imagenette(
     # images: the same numbers as decoding again at that size, without decoding again.
     native = 64 if source.name.startswith("imagenette-64") and 64 % size == 0 else size
     images, labels = A.load_or_decode(
-        source, f"imagenette-{split}-{native}", cache_dir, lambda files: _items(files, split), native,
-        native, limit, f"decode Imagenette {split} at {native}px", progress)
+        source, f"imagenette-{split}-{native}", cache_dir,
+        lambda files: A.labelled_members(files, split, IMAGENETTE_WNIDS), native, native, limit,
+        f"decode Imagenette {split} at {native}px", progress)
     if native != size:
         images = A.block_mean_u8(images, native // size, (2, 3))
     if labels.size and (labels.min() < 0 or labels.max() >= len(IMAGENETTE_WNIDS)):
