@@ -31,7 +31,6 @@ which is biased. M = 1 is CFM exactly: the softmax over one point is 1.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable
 
 import torch
 
@@ -39,6 +38,7 @@ from nwflow._checks import check_float_tensor, check_same_shape, check_sigma_min
 from nwflow._precision import exact_matmul
 from nwflow.empirical import EmpiricalField
 from nwflow.path import conditional_velocity, sample_xt
+from nwflow.solvers import VelocityFn, integrate
 
 __all__ = [
     "efm_target",
@@ -48,9 +48,6 @@ __all__ = [
     "alignment",
     "field_error",
 ]
-
-VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
 
 def _coef_dtype(device: torch.device) -> torch.dtype:
     # The estimator is formed in float64 (MPS has none): near t = 1 the logits scale like
@@ -221,8 +218,6 @@ def hybrid_samples(first: VelocityFn, second: VelocityFn, x0: torch.Tensor, taus
     ``first`` is integrated once and shared by all tau. Every tau must be a multiple of
     1 / steps. Returns (len(taus), B, *S). Chapter 6.
     """
-    from nwflow.solvers import integrate
-
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     ks = []

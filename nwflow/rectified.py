@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -50,6 +49,8 @@ from nwflow._checks import check_float_tensor, check_same_shape, check_time
 from nwflow._precision import exact_matmul
 from nwflow.empirical import posterior_weights
 from nwflow.path import conditional_velocity, sample_xt
+from nwflow.solvers import VelocityFn
+from nwflow.train import BatchFn
 
 __all__ = [
     "sqrtm_psd",
@@ -68,10 +69,6 @@ __all__ = [
     "prediction_gradient_variance",
     "parameter_gradient_variance",
 ]
-
-VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-BatchFn = Callable[[int, torch.Generator], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-
 
 # -- argument checks ------------------------------------------------------------------
 def _check_sigma(sigma: object) -> float:

@@ -32,6 +32,8 @@ from nwflow._progress import progress_bar
 
 __all__ = ["integrate", "integrate_adaptive", "METHODS", "ADAPTIVE_METHODS"]
 
+# The type of every velocity field in the library: (x (B, *S), t) -> (B, *S). Defined here,
+# where the solvers take it; the modules that pass fields around import it.
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 # Butcher-free step functions: each returns the increment x_{k+1} - x_k.
@@ -100,7 +102,8 @@ def integrate(
     r"""Solve dx/dt = velocity_fn(x, t) from x(t0) = x0 to t1 with a fixed step.
 
     - ``velocity_fn(x, t)``: x of shape (B, *S), t a 0-d tensor of x's dtype and device;
-      returns (B, *S). E.g. ``lambda x, t: nwflow.velocity(x, t, support)`` or a network.
+      returns (B, *S). E.g. ``field.velocity`` with ``field = nwflow.EmpiricalField(support)``
+      built once (``nwflow.velocity`` would rebuild it at every step), or a network.
     - ``x0``: (B, *S) start points (noise when t0 = 0).
     - ``t0``, ``t1``: numbers in [0, 1], t1 < t0 integrates backwards (data to noise).
     - ``steps``: number of steps (positive int); ``method``: "euler", "heun" or "rk4".
