@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from nwflow._checks import check_query, check_sigma_min, check_support, check_time
-from nwflow._precision import exact_matmul
+from nwflow._precision import WIDE, compute_dtype, exact_matmul
 
 __all__ = ["GaussianKernelAttention"]
 
@@ -66,8 +66,7 @@ class GaussianKernelAttention(nn.Module):
         self.sigma_min = check_sigma_min(sigma_min)
         self.sample_shape = tuple(support.shape[1:])
         self.input_dtype = support.dtype
-        compute = support.dtype if support.dtype in (torch.float32, torch.float64) else torch.float32
-        flat = support.reshape(support.shape[0], -1).to(compute)
+        flat = support.reshape(support.shape[0], -1).to(compute_dtype(support.dtype))
         with exact_matmul():
             norms = torch.linalg.vector_norm(flat, dim=1).square()
         if not bool(torch.isfinite(norms).all()):
@@ -89,9 +88,8 @@ class GaussianKernelAttention(nn.Module):
 
     def _inputs(self, x: torch.Tensor, t: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         check_query(x, self.sample_shape, self.input_dtype, self.keys.device, "x")
-        # Coefficients in float64 (MPS has none), cast once: fp32 and fp64 see the same t.
-        coef = torch.float32 if self.keys.device.type == "mps" else torch.float64
-        tt = check_time(t, batch=x.shape[0], dtype=coef, device=self.keys.device, name="t",
+        # Coefficients in the wide dtype, cast once: fp32 and fp64 see the same t.
+        tt = check_time(t, batch=x.shape[0], dtype=WIDE, device=self.keys.device, name="t",
                         sigma_min=self.sigma_min)
         return x.reshape(x.shape[0], self.keys.shape[1] - 1).to(self.keys.dtype), tt
 

@@ -37,7 +37,7 @@ import torch
 from scipy.stats import rankdata
 from torch import nn
 
-from nwflow._precision import exact_matmul
+from nwflow._precision import WIDE, exact_matmul
 from nwflow.data.toy import gaussian_mixture, spherical_shells
 from nwflow.models.mlp import TimeEmbedding
 from nwflow.solvers import integrate
@@ -162,7 +162,7 @@ def sample_tasks(config: TaskConfig, n_tasks: int, n_heldout: int, generator: to
 def _time(t: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """t as a (T, N) float64 tensor for queries x of shape (T, N, d)."""
     T, N = x.shape[:2]
-    tt = torch.as_tensor(t, dtype=torch.float64, device=x.device)
+    tt = torch.as_tensor(t, dtype=WIDE, device=x.device)
     if tt.dim() == 0:
         tt = tt.expand(T, N)
     elif tt.shape == (T,):
@@ -197,7 +197,7 @@ def support_logits(x: torch.Tensor, t: float | torch.Tensor, support: torch.Tens
     s = 1.0 - (1.0 - sigma_min) * tt
     if float(s.min()) <= 0:
         raise ValueError("sigma_t = 0 (t = 1 with sigma_min = 0): the posterior is singular")
-    x64, s64 = x.double(), support.double()
+    x64, s64 = x.to(WIDE), support.to(WIDE)
     with exact_matmul():
         cross = torch.bmm(x64, s64.transpose(1, 2))                          # (T, N, m)
     sq = (2 * tt[..., None] * cross - tt[..., None] ** 2 * s64.square().sum(-1)[:, None, :]
@@ -220,9 +220,9 @@ def support_velocity(x: torch.Tensor, t: float | torch.Tensor, support: torch.Te
     """
     tt = _time(t, x)
     w = support_posterior(x, tt, support, sigma_min)
-    mean = torch.bmm(w, support.double())
+    mean = torch.bmm(w, support.to(WIDE))
     s = 1.0 - (1.0 - sigma_min) * tt
-    return ((mean - (1.0 - sigma_min) * x.double()) / s[..., None]).to(x.dtype)
+    return ((mean - (1.0 - sigma_min) * x.to(WIDE)) / s[..., None]).to(x.dtype)
 
 
 # -- the learned field ---------------------------------------------------------------------
@@ -325,7 +325,7 @@ class SupportConditionedVelocity(nn.Module):
         if self.exact_head:
             with torch.no_grad():  # the head has no parameters; its input x needs no gradient
                 w = support_posterior(x, tt, support, self.sigma_min)
-                e = (torch.bmm(w, support.double()) - (1.0 - self.sigma_min) * x.double()).to(x.dtype)
+                e = (torch.bmm(w, support.to(WIDE)) - (1.0 - self.sigma_min) * x.to(WIDE)).to(x.dtype)
             feats = torch.cat([feats, e], dim=-1)
         return self.head(feats), all_logits
 

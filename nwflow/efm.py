@@ -35,7 +35,7 @@ import numbers
 import torch
 
 from nwflow._checks import check_float_tensor, check_same_shape, check_sigma_min, check_time
-from nwflow._precision import exact_matmul
+from nwflow._precision import WIDE, exact_matmul
 from nwflow.empirical import EmpiricalField
 from nwflow.path import conditional_velocity, sample_xt
 from nwflow.solvers import VelocityFn, integrate
@@ -48,12 +48,6 @@ __all__ = [
     "alignment",
     "field_error",
 ]
-
-def _coef_dtype(device: torch.device) -> torch.dtype:
-    # The estimator is formed in float64 (MPS has none): near t = 1 the logits scale like
-    # 1 / sigma_t^2 and (m - x) / sigma_t cancels, so fp32 would lose the target there.
-    return torch.float32 if device.type == "mps" else torch.float64
-
 
 def efm_target(
     x: torch.Tensor,
@@ -97,7 +91,9 @@ def efm_target(
             raise ValueError(f"{name} is on {other.device} but x is on {x.device}")
         if other.dtype != x.dtype:
             raise TypeError(f"{name} has dtype {other.dtype} but x has dtype {x.dtype}")
-    dt = _coef_dtype(x.device)
+    # The estimator is formed in the wide dtype: near t = 1 the logits scale like
+    # 1 / sigma_t^2 and (m - x) / sigma_t cancels, so fp32 would lose the target there.
+    dt = WIDE
     tt = check_time(t, batch=B, dtype=dt, device=x.device, name="t", sigma_min=sigma_min)
     c = 1.0 - sigma_min
     s = 1.0 - c * tt                                            # sigma_t, (B,)
@@ -272,7 +268,7 @@ def alignment(
     rows = []
     for t in times.tolist():
         u = field.velocity(sample_xt(x0, x1, t, sigma_min), t)
-        rows.append(cosine_similarity(u, u_cond).double())
+        rows.append(cosine_similarity(u, u_cond).to(WIDE))
     return torch.stack(rows)
 
 
@@ -300,6 +296,6 @@ def field_error(
     for t in times.tolist():
         xt = sample_xt(x0, x1, t, sigma_min)
         tt = torch.full((xt.shape[0],), t, dtype=xt.dtype, device=xt.device)
-        diff = (model(xt, tt) - field.velocity(xt, t)).double()
+        diff = (model(xt, tt) - field.velocity(xt, t)).to(WIDE)
         out.append(diff.square().mean())
     return torch.stack(out)

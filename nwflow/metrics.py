@@ -20,7 +20,7 @@ import numbers
 
 import torch
 
-from nwflow._precision import DEFAULT_CHUNK_BYTES, exact_matmul
+from nwflow._precision import DEFAULT_CHUNK_BYTES, WIDE, WIDE_BYTES, chunk_rows, compute_dtype, exact_matmul
 
 __all__ = [
     "nearest_neighbours",
@@ -73,10 +73,6 @@ def _check_chunk(chunk_size: int | None) -> None:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
-
-
 def _knn(xf: torch.Tensor, tf: torch.Tensor, k: int, chunk_size: int | None
          ) -> tuple[torch.Tensor, torch.Tensor]:
     """The k nearest rows of ``tf`` for each row of ``xf``: (dist (B, k) float64, index (B, k)).
@@ -87,10 +83,10 @@ def _knn(xf: torch.Tensor, tf: torch.Tensor, k: int, chunk_size: int | None
     negative, and the best k are returned in increasing order.
     """
     B, n = xf.shape[0], tf.shape[0]
-    dtype = _compute_dtype(xf.dtype)
+    dtype = compute_dtype(xf.dtype)
     x, t = xf.to(dtype), tf.to(dtype)
     m = min(n, k + _EXTRA_CANDIDATES)
-    chunk = chunk_size or max(1, DEFAULT_CHUNK_BYTES // (max(B, 1) * x.element_size()))
+    chunk = chunk_size or chunk_rows(DEFAULT_CHUNK_BYTES, B * x.element_size())
     best_d = torch.full((B, 0), torch.inf, dtype=dtype, device=x.device)
     best_i = torch.zeros((B, 0), dtype=torch.long, device=x.device)
     with exact_matmul():
@@ -105,12 +101,12 @@ def _knn(xf: torch.Tensor, tf: torch.Tensor, k: int, chunk_size: int | None
             cand_i = torch.cat([best_i, torch.arange(start, stop, device=x.device).expand(B, -1)], dim=1)
             top = torch.topk(cand_d, min(m, cand_d.shape[1]), dim=1, largest=False)
             best_d, best_i = top.values, torch.gather(cand_i, 1, top.indices)
-    # Direct recomputation, a block of queries at a time: (b, m, D) float64 of at most ~64 MiB.
-    exact = torch.empty(best_i.shape, dtype=torch.float64, device=x.device)
-    block = max(1, 2**23 // (m * max(xf.shape[1], 1)))
+    # Direct recomputation, a block of queries at a time: (b, m, D) wide blocks of WIDE_BYTES.
+    exact = torch.empty(best_i.shape, dtype=WIDE, device=x.device)
+    block = chunk_rows(WIDE_BYTES, m * xf.shape[1] * exact.element_size())
     for start in range(0, B, block):
         stop = min(start + block, B)
-        diff = xf[start:stop, None, :].to(torch.float64) - tf[best_i[start:stop]].to(torch.float64)
+        diff = xf[start:stop, None, :].to(WIDE) - tf[best_i[start:stop]].to(WIDE)
         exact[start:stop] = torch.linalg.vector_norm(diff, dim=2)
     order = torch.argsort(exact, dim=1, stable=True)[:, :k]
     return torch.gather(exact, 1, order), torch.gather(best_i, 1, order)
@@ -167,7 +163,7 @@ def nn_distance_ratio(samples: torch.Tensor, train: torch.Tensor, chunk_size: in
     Defined as 0 when d_1 = 0 (an exact copy, even of a duplicated training point).
     """
     dist, _ = nearest_neighbours(samples, train, k=2, chunk_size=chunk_size)
-    d1, d2 = dist[:, 0].double(), dist[:, 1].double()
+    d1, d2 = dist[:, 0].to(WIDE), dist[:, 1].to(WIDE)
     return torch.where(d1 == 0, torch.zeros_like(d1), d1 / d2).to(samples.dtype)
 
 
@@ -186,7 +182,7 @@ def memorised(samples: torch.Tensor, train: torch.Tensor, ratio: float = 1 / 3,
     """
     ratio = _check_ratio(ratio)
     dist, _ = nearest_neighbours(samples, train, k=2, chunk_size=chunk_size)
-    d1, d2 = dist[:, 0].double(), dist[:, 1].double()
+    d1, d2 = dist[:, 0].to(WIDE), dist[:, 1].to(WIDE)
     return (d1 < ratio * d2) | (d1 == 0)
 
 
@@ -200,7 +196,7 @@ def memorisation_rate(samples: torch.Tensor, train: torch.Tensor, ratio: float =
     memorization in diffusion models"). An exact copy (d_1 = 0) always counts. The
     training set needs at least two points. Book: Part II, memorisation chapters.
     """
-    return float(memorised(samples, train, ratio=ratio, chunk_size=chunk_size).double().mean())
+    return float(memorised(samples, train, ratio=ratio, chunk_size=chunk_size).to(WIDE).mean())
 
 
 def cosine_similarity(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -212,7 +208,7 @@ def cosine_similarity(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> t
     if a.shape != b.shape:
         raise ValueError(f"a and b must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     _pair(af, bf, "a", "b")
-    a64, b64 = af.double(), bf.double()
+    a64, b64 = af.to(WIDE), bf.to(WIDE)
     na, nb = torch.linalg.vector_norm(a64, dim=1), torch.linalg.vector_norm(b64, dim=1)
     ok = (na > eps) & (nb > eps)
     cos = (a64 * b64).sum(dim=1) / torch.where(ok, na * nb, torch.ones_like(na))
@@ -238,7 +234,7 @@ def median_distance(z: torch.Tensor, max_points: int = 2048) -> float:
         raise ValueError(f"max_points must be an int >= 2, got {max_points!r}")
     if zf.shape[0] > max_points:
         zf = zf[torch.linspace(0, zf.shape[0] - 1, max_points).round().long()]
-    z64 = zf.double()
+    z64 = zf.to(WIDE)
     iu = torch.triu_indices(z64.shape[0], z64.shape[0], offset=1, device=z64.device)
     d = _sq_dists(z64, z64)[iu[0], iu[1]].sqrt()
     return float(torch.quantile(d, 0.5))
@@ -246,7 +242,7 @@ def median_distance(z: torch.Tensor, max_points: int = 2048) -> float:
 
 def _kernel_sum(a: torch.Tensor, b: torch.Tensor, gamma: float, same: bool, chunk: int) -> float:
     """sum_{i, j} exp(-gamma ||a_i - b_j||^2), leaving out i = j when ``same``."""
-    total = torch.zeros((), dtype=torch.float64, device=a.device)
+    total = torch.zeros((), dtype=WIDE, device=a.device)
     for start in range(0, a.shape[0], chunk):
         stop = min(start + chunk, a.shape[0])
         k = torch.exp(-gamma * _sq_dists(a[start:stop], b))
@@ -269,12 +265,12 @@ def mmd2_unbiased(x: torch.Tensor, y: torch.Tensor, bandwidth: float | None = No
     negative when the two distributions are equal. ``bandwidth`` h > 0; when None, the
     median heuristic: h = median of the pairwise distances of the pooled sample [x; y]
     (see :func:`median_distance`). Rows are flattened; computed in float64, ``chunk_size``
-    rows at a time (default: blocks of about 32 MiB). x: (m, *S), y: (n, *S) with m, n >= 2.
+    rows at a time (default: blocks of 32 MiB). x: (m, *S), y: (n, *S) with m, n >= 2.
     """
     xf, yf = _flat(x, "x", min_rows=2), _flat(y, "y", min_rows=2)
     _pair(xf, yf, "x", "y")
     _check_chunk(chunk_size)
-    x64, y64 = xf.double(), yf.double()
+    x64, y64 = xf.to(WIDE), yf.to(WIDE)
     if bandwidth is None:
         h = median_distance(torch.cat([x64, y64]))
         if h == 0.0:
@@ -285,9 +281,9 @@ def mmd2_unbiased(x: torch.Tensor, y: torch.Tensor, bandwidth: float | None = No
             raise ValueError(f"bandwidth must be a positive finite number or None, got {bandwidth!r}")
         h = float(bandwidth)
     gamma = 1.0 / (2.0 * h * h)
-    # Default: (chunk, max(m, n)) float64 kernel blocks of about 32 MiB.
-    chunk = chunk_size or max(1, 2**22 // max(xf.shape[0], yf.shape[0]))
+    # Default: (chunk, max(m, n)) wide kernel blocks of WIDE_BYTES.
     m, n = x64.shape[0], y64.shape[0]
+    chunk = chunk_size or chunk_rows(WIDE_BYTES, max(m, n) * x64.element_size())
     kxx = _kernel_sum(x64, x64, gamma, True, chunk) / (m * (m - 1))
     kyy = _kernel_sum(y64, y64, gamma, True, chunk) / (n * (n - 1))
     kxy = _kernel_sum(x64, y64, gamma, False, chunk) / (m * n)
@@ -319,8 +315,8 @@ def gaussian_frechet_distance(mu_a: torch.Tensor, cov_a: torch.Tensor,
         if mu.dim() != 1 or cov.shape != (mu.shape[0], mu.shape[0]):
             raise ValueError(f"{name} must be (D,) with a (D, D) covariance, got {tuple(mu.shape)} "
                              f"and {tuple(cov.shape)}")
-        mus.append(mu.double())
-        covs.append(cov.double())
+        mus.append(mu.to(WIDE))
+        covs.append(cov.to(WIDE))
     if mus[0].shape != mus[1].shape:
         raise ValueError(f"the two Gaussians must have the same dimension, got {mus[0].shape[0]} "
                          f"and {mus[1].shape[0]}")
@@ -348,7 +344,7 @@ def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
         raise ValueError(f"feats_a and feats_b must have the same feature size, got {fa.shape[1]} "
                          f"and {fb.shape[1]}")
     stats = []
-    for f in (fa.double(), fb.double()):
+    for f in (fa.to(WIDE), fb.to(WIDE)):
         mu = f.mean(dim=0)
         c = f - mu
         stats += [mu, (c.T @ c) / (f.shape[0] - 1)]

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from nwflow._checks import check_float_tensor, check_sigma_min
+from nwflow._precision import WIDE
 from nwflow.path import conditional_velocity, sample_xt
 
 __all__ = ["squared_distances", "ot_plan", "ot_pairs", "ot_cfm_batch", "pair_field"]
@@ -75,8 +76,8 @@ def squared_distances(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
     Formed as ||x0||^2 + ||x1||^2 - 2 <x0, x1> (no (B0, B1, D) block) and clamped at 0.
     Chapter 7.
     """
-    a = _batch(x0, "x0").to(torch.float64)
-    b = _batch(x1, "x1").to(torch.float64)
+    a = _batch(x0, "x0").to(WIDE)
+    b = _batch(x1, "x1").to(WIDE)
     _pair_shapes(a, b)
     c = a.square().sum(1)[:, None] + b.square().sum(1)[None, :] - 2.0 * a @ b.T
     return c.clamp_min_(0.0)
@@ -149,7 +150,7 @@ def ot_pairs(x0: torch.Tensor, x1: torch.Tensor, method: str = "exact", reg: flo
                          f"got {x0.shape[0]} and {x1.shape[0]}")
     if method == "exact":
         atoms, counts = torch.unique(x1, dim=0, return_counts=True)
-        P = ot_plan(x0, atoms, b=counts.to(torch.float64), method="exact")
+        P = ot_plan(x0, atoms, b=counts.to(WIDE), method="exact")
         partner = P.argmax(dim=1)
         # the vertex optimum is integral: each row carries its whole mass 1/B to one atom
         if not torch.allclose(P.max(dim=1).values, torch.full_like(P[:, 0], 1.0 / x0.shape[0]),
@@ -199,9 +200,9 @@ def pair_field(x: torch.Tensor, t: float, x0: torch.Tensor, x1: torch.Tensor, si
     if isinstance(t, bool) or not isinstance(t, numbers.Real) or not 0.0 <= t <= 1.0:
         raise ValueError(f"t must be a number in [0, 1], got {t!r}")
     sigma = _positive_real(sigma, "sigma")
-    a = x0.to(torch.float64)
-    b = x1.to(torch.float64)
+    a = x0.to(WIDE)
+    b = x1.to(WIDE)
     centres = (1.0 - t) * a + t * b
     # -||x - c_i||^2 / (2 s^2) up to a per-row constant: two GEMMs, no (B, M, D) block
-    logits = (x.to(torch.float64) @ centres.T - 0.5 * centres.square().sum(1)) / sigma**2
+    logits = (x.to(WIDE) @ centres.T - 0.5 * centres.square().sum(1)) / sigma**2
     return (torch.softmax(logits, dim=1) @ (b - a)).to(x.dtype)

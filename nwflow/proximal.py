@@ -46,6 +46,7 @@ from dataclasses import dataclass
 import torch
 
 from nwflow._checks import check_float_tensor, check_time
+from nwflow._precision import WIDE
 
 __all__ = [
     "SemiDiscreteDual",
@@ -60,8 +61,6 @@ __all__ = [
     "proximal_target",
     "proximal_velocity",
 ]
-
-_F64 = torch.float64
 
 
 # -- input handling -------------------------------------------------------------------
@@ -79,7 +78,7 @@ def _weights_g(g: object, support: torch.Tensor) -> torch.Tensor:
                          f"got {tuple(g.shape)}")
     if g.device != support.device:
         raise ValueError(f"g is on {g.device} but the support is on {support.device}")
-    return g.to(_F64)
+    return g.to(WIDE)
 
 
 def _points(x: object, support: torch.Tensor, name: str) -> torch.Tensor:
@@ -110,14 +109,14 @@ def _per_row(value: float | torch.Tensor, batch: int, device: torch.device, name
     """A positive finite number or (batch,) tensor as a float64 (batch,) tensor."""
     if isinstance(value, torch.Tensor):
         if value.dim() == 0:
-            v = value.to(device=device, dtype=_F64).expand(batch)
+            v = value.to(device=device, dtype=WIDE).expand(batch)
         elif value.shape == (batch,):
-            v = value.to(device=device, dtype=_F64)
+            v = value.to(device=device, dtype=WIDE)
         else:
             raise ValueError(f"{name} must be a number, a 0-d or a ({batch},) tensor, "
                              f"got shape {tuple(value.shape)}")
     elif isinstance(value, numbers.Real) and not isinstance(value, bool):
-        v = torch.full((batch,), float(value), dtype=_F64, device=device)
+        v = torch.full((batch,), float(value), dtype=WIDE, device=device)
     else:
         raise TypeError(f"{name} must be a number or a tensor, got {type(value).__name__}")
     if v.numel() and not bool(((v > 0) & torch.isfinite(v)).all()):
@@ -127,11 +126,11 @@ def _per_row(value: float | torch.Tensor, batch: int, device: torch.device, name
 
 def _scores(x0: torch.Tensor, X: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """a_j(x0) = <x0, x^(j)> - g_j, (B, n), float64."""
-    return x0.to(_F64) @ X.T - g
+    return x0.to(WIDE) @ X.T - g
 
 
 # -- the Brenier potential and its cells ------------------------------------------------
-def standard_normal_qmc(n: int, d: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def standard_normal_qmc(n: int, d: int, seed: int = 0, dtype: torch.dtype = WIDE) -> torch.Tensor:
     """n quasi-Monte Carlo points of N(0, I_d): a scrambled Sobol sequence mapped by the inverse CDF.
 
     x = sqrt(2) erfinv(2 u - 1) coordinate-wise; the uniforms are kept inside (0, 1) so no
@@ -141,7 +140,7 @@ def standard_normal_qmc(n: int, d: int, seed: int = 0, dtype: torch.dtype = torc
     n = _positive_int(n, "n")
     d = _positive_int(d, "d")
     engine = torch.quasirandom.SobolEngine(d, scramble=True, seed=seed)
-    u = engine.draw(n, dtype=_F64).clamp(1e-12, 1.0 - 1e-12)
+    u = engine.draw(n, dtype=WIDE).clamp(1e-12, 1.0 - 1e-12)
     return (math.sqrt(2.0) * torch.erfinv(2.0 * u - 1.0)).to(dtype)
 
 
@@ -151,14 +150,14 @@ def laguerre_index(x0: torch.Tensor, support: torch.Tensor, g: torch.Tensor) -> 
     With g_j = ||x^(j)||^2 / 2 the cells are the Voronoi cells of the data. Chapter 7.
     """
     X = _support(support)
-    return _scores(_points(x0, X, "x0"), X.to(_F64), _weights_g(g, X)).argmax(dim=1)
+    return _scores(_points(x0, X, "x0"), X.to(WIDE), _weights_g(g, X)).argmax(dim=1)
 
 
 def laguerre_masses(x0: torch.Tensor, support: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Fraction of the sample ``x0`` (B, D) in each Laguerre cell: a Monte Carlo estimate of
     mu(L_j) for x0 ~ mu; (n,) float64, sums to 1. Chapter 7."""
     idx = laguerre_index(x0, support, g)
-    return torch.bincount(idx, minlength=support.shape[0]).to(_F64) / idx.numel()
+    return torch.bincount(idx, minlength=support.shape[0]).to(WIDE) / idx.numel()
 
 
 def brenier_potential(x0: torch.Tensor, support: torch.Tensor, g: torch.Tensor,
@@ -169,7 +168,7 @@ def brenier_potential(x0: torch.Tensor, support: torch.Tensor, g: torch.Tensor,
     """
     X = _support(support)
     eps = _eps(eps)
-    a = _scores(_points(x0, X, "x0"), X.to(_F64), _weights_g(g, X))
+    a = _scores(_points(x0, X, "x0"), X.to(WIDE), _weights_g(g, X))
     out = a.amax(dim=1) if eps == 0 else eps * torch.logsumexp(a / eps, dim=1)
     return out.to(x0.dtype)
 
@@ -184,10 +183,10 @@ def brenier_map(x0: torch.Tensor, support: torch.Tensor, g: torch.Tensor, eps: f
     X = _support(support)
     eps = _eps(eps)
     x0 = _points(x0, X, "x0")
-    a = _scores(x0, X.to(_F64), _weights_g(g, X))
+    a = _scores(x0, X.to(WIDE), _weights_g(g, X))
     if eps == 0:
         return X[a.argmax(dim=1)].to(x0.dtype)
-    return (torch.softmax(a / eps, dim=1) @ X.to(_F64)).to(x0.dtype)
+    return (torch.softmax(a / eps, dim=1) @ X.to(WIDE)).to(x0.dtype)
 
 
 # -- semi-discrete OT: the dual weights ---------------------------------------------------
@@ -249,13 +248,13 @@ def semidiscrete_dual(
     if eps == 0:
         raise ValueError("eps must be > 0: the final smoothing temperature (relative to the spread)")
     if weights is None:
-        b = torch.full((n,), 1.0 / n, dtype=_F64, device=X.device)
+        b = torch.full((n,), 1.0 / n, dtype=WIDE, device=X.device)
     else:
-        b = check_float_tensor(weights, "weights").to(device=X.device, dtype=_F64)
+        b = check_float_tensor(weights, "weights").to(device=X.device, dtype=WIDE)
         if b.shape != (n,) or bool((b <= 0).any()):
             raise ValueError(f"weights must be a positive ({n},) tensor")
         b = b / b.sum()
-    Xf = X.to(_F64)
+    Xf = X.to(WIDE)
     z = standard_normal_qmc(n_samples, d, seed=seed).to(X.device)
     S = z @ Xf.T                                    # (N, n) scores <x0_i, x^(j)>
     g = 0.5 * Xf.square().sum(dim=1)                # start from the Voronoi cells
@@ -298,10 +297,10 @@ def semidiscrete_dual(
             if alpha * float(step.abs().max()) < 1e-13 * (1.0 + float(g.abs().max())):
                 break
     g = g - g.mean()
-    train_err = float((torch.bincount((S - g).argmax(dim=1), minlength=n).to(_F64) / n_samples - b)
+    train_err = float((torch.bincount((S - g).argmax(dim=1), minlength=n).to(WIDE) / n_samples - b)
                       .abs().max())
     gen = torch.Generator(device="cpu").manual_seed(seed + 1)
-    check = torch.randn(n_check, d, generator=gen, dtype=_F64).to(X.device)
+    check = torch.randn(n_check, d, generator=gen, dtype=WIDE).to(X.device)
     masses = laguerre_masses(check, Xf, g)
     return SemiDiscreteDual(
         g=g.to(X.dtype), target=b, masses=masses,
@@ -326,9 +325,9 @@ def conjugate_potential(y: torch.Tensor, support: torch.Tensor, g: torch.Tensor)
     X = _support(support)
     gv = _weights_g(g, X).cpu().numpy()
     y = _points(y, X, "y")
-    A_eq = np.vstack([X.to(_F64).cpu().numpy().T, np.ones((1, X.shape[0]))])
+    A_eq = np.vstack([X.to(WIDE).cpu().numpy().T, np.ones((1, X.shape[0]))])
     out = np.empty(y.shape[0])
-    for i, row in enumerate(y.to(_F64).cpu().numpy()):
+    for i, row in enumerate(y.to(WIDE).cpu().numpy()):
         res = linprog(gv, A_eq=A_eq, b_eq=np.append(row, 1.0), bounds=(0, None), method="highs")
         if res.status == 2:         # infeasible: y is outside the convex hull
             out[i] = math.inf
@@ -352,7 +351,7 @@ def _newton_dual(w: torch.Tensor, c: torch.Tensor, X: torch.Tensor, g: torch.Ten
     close to its solution.
     """
     B, D = w.shape
-    eye = torch.eye(D, dtype=_F64, device=w.device)
+    eye = torch.eye(D, dtype=WIDE, device=w.device)
     u = u.clone()
     eps = torch.maximum(eps, eps_final)
 
@@ -413,20 +412,20 @@ def _polish(w: torch.Tensor, c: torch.Tensor, X: torch.Tensor, g: torch.Tensor,
     n = X.shape[0]
     k = min(n, D + 1)
     top, idx = pi.topk(k, dim=1)
-    mask = (top >= tau * top[:, :1]).to(_F64)                   # (B, k)
+    mask = (top >= tau * top[:, :1]).to(WIDE)                   # (B, k)
     XA = X[idx]                                                   # (B, k, D)
     gram = XA @ XA.transpose(1, 2) / c[:, None, None]
-    M = torch.zeros(B, k + 1, k + 1, dtype=_F64, device=w.device)
+    M = torch.zeros(B, k + 1, k + 1, dtype=WIDE, device=w.device)
     M[:, :k, :k] = mask[:, :, None] * mask[:, None, :] * gram + torch.diag_embed(1.0 - mask)
     M[:, :k, k] = mask
     M[:, k, :k] = mask
-    rhs = torch.zeros(B, k + 1, dtype=_F64, device=w.device)
+    rhs = torch.zeros(B, k + 1, dtype=WIDE, device=w.device)
     rhs[:, :k] = mask * ((XA @ w[:, :, None])[:, :, 0] - g[idx])
     rhs[:, k] = 1.0
     sol, info = torch.linalg.solve_ex(M, rhs[:, :, None])
     lam_top = sol[:, :k, 0] * mask
     lam_top[info != 0] = math.nan
-    return torch.zeros(B, n, dtype=_F64, device=w.device).scatter(1, idx, lam_top)
+    return torch.zeros(B, n, dtype=WIDE, device=w.device).scatter(1, idx, lam_top)
 
 
 def _gap(w: torch.Tensor, c: torch.Tensor, X: torch.Tensor, g: torch.Tensor,
@@ -461,7 +460,7 @@ def _vertex_weights(X: torch.Tensor, g: torch.Tensor, y: torch.Tensor, pi: torch
         res = linprog(gn[S], A_eq=A_eq, b_eq=np.append(y[i].cpu().numpy(), 1.0), bounds=(0, None),
                       method="highs")
         if res.status == 0:
-            row = torch.zeros(pi.shape[1], dtype=_F64)
+            row = torch.zeros(pi.shape[1], dtype=WIDE)
             row[torch.from_numpy(S)] = torch.from_numpy(res.x)
             out[i] = row.to(pi.device)
     return out
@@ -483,11 +482,11 @@ def _prox_dual_form(w: torch.Tensor, c: torch.Tensor, X: torch.Tensor, g: torch.
     a0 = u @ X.T - g
     spread = a0.amax(dim=1) - a0.amin(dim=1) + a0.abs().amax(dim=1) + 1e-300
     if eps > 0:
-        target = torch.full((B,), eps, dtype=_F64, device=w.device)
+        target = torch.full((B,), eps, dtype=WIDE, device=w.device)
         _, pi = _newton_dual(w, c, X, g, u, spread, target)
-        return pi @ X, pi, torch.zeros(B, dtype=_F64, device=w.device)
-    lam = torch.full((B, X.shape[0]), math.nan, dtype=_F64, device=w.device)
-    gap = torch.full((B,), math.inf, dtype=_F64, device=w.device)
+        return pi @ X, pi, torch.zeros(B, dtype=WIDE, device=w.device)
+    lam = torch.full((B, X.shape[0]), math.nan, dtype=WIDE, device=w.device)
+    gap = torch.full((B,), math.inf, dtype=WIDE, device=w.device)
     rows = torch.arange(B, device=w.device)
     start = spread
     for stage in _STAGES:
@@ -564,14 +563,14 @@ def prox_conjugate(z: torch.Tensor, h: float | torch.Tensor, support: torch.Tens
     gv = _weights_g(g, X)
     eps = _eps(eps)
     hv = _per_row(h, z.shape[0], z.device, "h")
-    Xf = X.to(_F64)
-    y, lam, bound = _prox_dual_form(z.to(_F64) / hv[:, None], hv, Xf, gv, eps)
+    Xf = X.to(WIDE)
+    y, lam, bound = _prox_dual_form(z.to(WIDE) / hv[:, None], hv, Xf, gv, eps)
     y = y.to(z.dtype)
     return (y, {"weights": lam, "error_bound": bound}) if return_info else y
 
 
 def _check_flow_time(t: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    tt = check_time(t, batch=x.shape[0], dtype=_F64, device=x.device, name="t")
+    tt = check_time(t, batch=x.shape[0], dtype=WIDE, device=x.device, name="t")
     if tt.numel() and bool((tt >= 1).any()):
         raise ValueError("t must lie in [0, 1): the proximal form divides by 1 - t (the flow ends at t = 1)")
     return tt
@@ -593,7 +592,7 @@ def proximal_target(x: torch.Tensor, t: float | torch.Tensor, support: torch.Ten
     gv = _weights_g(g, X)
     eps = _eps(eps)
     tt = _check_flow_time(t, x)
-    Xf, xf = X.to(_F64), x.to(_F64)
+    Xf, xf = X.to(WIDE), x.to(WIDE)
     out = torch.empty_like(xf)
     start = tt == 0
     if bool(start.any()):
@@ -617,4 +616,4 @@ def proximal_velocity(x: torch.Tensor, t: float | torch.Tensor, support: torch.T
     """
     x1 = proximal_target(x, t, support, g, eps)
     tt = _check_flow_time(t, x)
-    return ((x1.to(_F64) - x.to(_F64)) / (1.0 - tt)[:, None]).to(x.dtype)
+    return ((x1.to(WIDE) - x.to(WIDE)) / (1.0 - tt)[:, None]).to(x.dtype)

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from nwflow._checks import check_float_tensor, check_same_shape, check_time
-from nwflow._precision import exact_matmul
+from nwflow._precision import WIDE, exact_matmul
 from nwflow.empirical import posterior_weights
 from nwflow.path import conditional_velocity, sample_xt
 from nwflow.solvers import VelocityFn
@@ -113,7 +113,7 @@ def _check_affine(x: torch.Tensor, shift: object, matrix: object) -> tuple[torch
                          f"and {tuple(matrix.shape)}")
     if x.dim() != 2 or x.shape[1] != d:
         raise ValueError(f"x must have shape (B, {d}) to match shift, got {tuple(x.shape)}")
-    return shift.to(device=x.device, dtype=torch.float64), matrix.to(device=x.device, dtype=torch.float64)
+    return shift.to(device=x.device, dtype=WIDE), matrix.to(device=x.device, dtype=WIDE)
 
 
 # -- Gaussian-to-Gaussian transport ---------------------------------------------------
@@ -127,7 +127,7 @@ def sqrtm_psd(cov: torch.Tensor) -> torch.Tensor:
     cov = check_float_tensor(cov, "cov")
     if cov.dim() != 2 or cov.shape[0] != cov.shape[1] or cov.shape[0] == 0:
         raise ValueError(f"cov must be a square (d, d) matrix, got shape {tuple(cov.shape)}")
-    c = cov.double()
+    c = cov.to(WIDE)
     scale = float(c.abs().max()) or 1.0
     if float((c - c.T).abs().max()) > 1e-10 * scale:
         raise ValueError("cov must be symmetric")
@@ -150,7 +150,7 @@ def rotation_matrix(dim: int, angle: float, plane: tuple[int, int] = (0, 1)) -> 
     i, j = plane
     if not (0 <= i < dim and 0 <= j < dim and i != j):
         raise ValueError(f"plane must be two distinct axes in [0, {dim}), got {plane}")
-    r = torch.eye(int(dim), dtype=torch.float64)
+    r = torch.eye(int(dim), dtype=WIDE)
     # Exact zeros at multiples of pi / 2 (sin(pi) is 1.2e-16 in floating point), so that
     # angle = pi gives exactly -I in the plane.
     c, s = (0.0 if abs(v) < 1e-15 else v for v in (math.cos(angle), math.sin(angle)))
@@ -170,25 +170,25 @@ def gaussian_ot_map(mean: torch.Tensor, cov: torch.Tensor,
     mean = check_float_tensor(mean, "mean")
     if mean.dim() != 1:
         raise ValueError(f"mean must have shape (d,), got {tuple(mean.shape)}")
-    root = sqrtm_psd(cov).double()
+    root = sqrtm_psd(cov).to(WIDE)
     if root.shape[0] != mean.shape[0]:
         raise ValueError(f"cov is {tuple(root.shape)} but mean has {mean.shape[0]} entries")
     if rotation is None:
-        return mean.double(), root
-    rot = check_float_tensor(rotation, "rotation").double()
+        return mean.to(WIDE), root
+    rot = check_float_tensor(rotation, "rotation").to(WIDE)
     if rot.shape != root.shape:
         raise ValueError(f"rotation must have shape {tuple(root.shape)}, got {tuple(rot.shape)}")
-    eye = torch.eye(rot.shape[0], dtype=torch.float64, device=rot.device)
+    eye = torch.eye(rot.shape[0], dtype=WIDE, device=rot.device)
     if float((rot @ rot.T - eye).abs().max()) > 1e-8:
         raise ValueError("rotation must be orthogonal (R R^T = I)")
-    return mean.double(), root @ rot.to(root.device)
+    return mean.to(WIDE), root @ rot.to(root.device)
 
 
 def affine_map(z: torch.Tensor, shift: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     """T(z) = shift + matrix z for each row of z (B, d); returns (B, d) in z's dtype."""
     z = check_float_tensor(z, "z")
     b, m = _check_affine(z, shift, matrix)
-    return (b + z.double() @ m.T).to(z.dtype)
+    return (b + z.to(WIDE) @ m.T).to(z.dtype)
 
 
 def affine_velocity(x: torch.Tensor, t: float | torch.Tensor, shift: torch.Tensor,
@@ -206,11 +206,11 @@ def affine_velocity(x: torch.Tensor, t: float | torch.Tensor, shift: torch.Tenso
     """
     x = check_float_tensor(x, "x")
     b, m = _check_affine(x, shift, matrix)
-    tt = check_time(t, batch=x.shape[0], dtype=torch.float64, device=x.device, name="t")
+    tt = check_time(t, batch=x.shape[0], dtype=WIDE, device=x.device, name="t")
     d = b.shape[0]
-    eye = torch.eye(d, dtype=torch.float64, device=x.device)
+    eye = torch.eye(d, dtype=WIDE, device=x.device)
     a = (1.0 - tt)[:, None, None] * eye + tt[:, None, None] * m          # (B, d, d)
-    rhs = (x.double() - tt[:, None] * b)[:, :, None]                       # (B, d, 1)
+    rhs = (x.to(WIDE) - tt[:, None] * b)[:, :, None]                       # (B, d, 1)
     # Singular (to float64 rounding) A_t: the lines of different z meet at this time.
     singular = ~(torch.linalg.cond(a) <= 1e12)  # NaN (the zero matrix) counts as singular
     if bool(singular.any()):
@@ -304,7 +304,7 @@ def pair_weights(x: torch.Tensor, t: float | torch.Tensor, x0: torch.Tensor, x1:
     if x.dtype != x0.dtype or x.device != x0.device:
         raise ValueError(f"x must share dtype and device with x0 ({x0.dtype} on {x0.device}), "
                          f"got {x.dtype} on {x.device}")
-    tt = check_time(t, batch=x.shape[0], dtype=torch.float64, device=x.device, name="t")
+    tt = check_time(t, batch=x.shape[0], dtype=WIDE, device=x.device, name="t")
     xf = x.reshape(x.shape[0], -1)
     a, b = x0.reshape(x0.shape[0], -1), x1.reshape(x1.shape[0], -1)
     if x.shape[0] == 0:
@@ -316,7 +316,7 @@ def pair_weights(x: torch.Tensor, t: float | torch.Tensor, x0: torch.Tensor, x1:
             tau = 1.0 / (1.0 + sigma)
             return posterior_weights(tau * xf, tau, centres, sigma_min=0.0)
         with exact_matmul():
-            sq = torch.cdist(xf.double(), centres.double()).square()
+            sq = torch.cdist(xf.to(WIDE), centres.to(WIDE)).square()
     else:
         sq = _moving_centre_distances(xf, tt, a, b)
     if sigma == 0.0:
@@ -332,8 +332,8 @@ def _moving_centre_distances(xf: torch.Tensor, tt: torch.Tensor, a: torch.Tensor
     + ||a_i||^2 + 2 t <a_i, d_i> + t^2 ||d_i||^2, so no (B, N, D) block is formed even though
     every row sees its own centres.
     """
-    x64, a64 = xf.double(), a.double()
-    d64 = b.double() - a64
+    x64, a64 = xf.to(WIDE), a.to(WIDE)
+    d64 = b.to(WIDE) - a64
     t = tt[:, None]
     with exact_matmul():
         sq = (x64.square().sum(1, keepdim=True) - 2.0 * (x64 @ a64.T) - 2.0 * t * (x64 @ d64.T)
@@ -356,7 +356,7 @@ def pair_velocity(x: torch.Tensor, t: float | torch.Tensor, x0: torch.Tensor, x1
     w = pair_weights(x, t, x0, x1, sigma)
     d = (x1 - x0).reshape(x0.shape[0], -1)
     with exact_matmul():
-        v = w.double() @ d.double()
+        v = w.to(WIDE) @ d.to(WIDE)
     return v.to(x.dtype).reshape(x.shape)
 
 
@@ -376,8 +376,8 @@ def pair_separation(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
     x0, x1 = _check_pairs(x0, x1)
     if x0.shape[0] < 2:
         raise ValueError("pair_separation needs at least 2 pairs")
-    a = x0.reshape(x0.shape[0], -1).double()
-    d = x1.reshape(x1.shape[0], -1).double() - a
+    a = x0.reshape(x0.shape[0], -1).to(WIDE)
+    d = x1.reshape(x1.shape[0], -1).to(WIDE) - a
     with exact_matmul():
         gaa, gad, gdd = a @ a.T, a @ d.T, d @ d.T
     na, nd, ad = gaa.diagonal(), gdd.diagonal(), gad.diagonal()
@@ -415,7 +415,7 @@ def pair_loss(velocity_fn: VelocityFn, x0: torch.Tensor, x1: torch.Tensor, t: fl
     """
     with torch.no_grad():
         r = _residual(velocity_fn, x0, x1, t, _check_sigma(sigma), noise)
-    return float(r.double().square().sum(dim=1).mean())
+    return float(r.to(WIDE).square().sum(dim=1).mean())
 
 
 def prediction_gradient_variance(velocity_fn: VelocityFn, x0: torch.Tensor, x1: torch.Tensor,
@@ -429,7 +429,7 @@ def prediction_gradient_variance(velocity_fn: VelocityFn, x0: torch.Tensor, x1: 
     every pair (the deterministic regime at its memorising optimum). Chapter 8.
     """
     with torch.no_grad():
-        g = 2.0 * _residual(velocity_fn, x0, x1, t, _check_sigma(sigma), noise).double()
+        g = 2.0 * _residual(velocity_fn, x0, x1, t, _check_sigma(sigma), noise).to(WIDE)
     if g.shape[0] < 2:
         raise ValueError("the variance needs at least 2 pairs")
     return float((g - g.mean(dim=0)).square().sum() / (g.shape[0] - 1))
@@ -462,5 +462,5 @@ def parameter_gradient_variance(model: nn.Module, x0: torch.Tensor, x1: torch.Te
         return (out[0] - y).square().sum()
 
     grads = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0, 0))(params, xt, tt, target)
-    flat = torch.cat([g.reshape(x0.shape[0], -1).double() for g in grads.values()], dim=1)
+    flat = torch.cat([g.reshape(x0.shape[0], -1).to(WIDE) for g in grads.values()], dim=1)
     return float((flat - flat.mean(dim=0)).square().sum() / (flat.shape[0] - 1))
