@@ -50,7 +50,8 @@ def test_the_simulation_reproduces_the_tqdm_auto_warning(kernel_with_broken_ipyw
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         import tqdm.auto  # noqa: F401
-    assert any(issubclass(w.category, TqdmWarning) and "IProgress not found" in str(w.message) for w in caught)
+    assert any(issubclass(w.category, TqdmWarning) and "IProgress not found" in str(w.message)
+               for w in caught)
 
 
 def test_no_warning_in_a_kernel_with_broken_ipywidgets(kernel_with_broken_ipywidgets):
@@ -102,7 +103,8 @@ def test_no_warning_in_a_real_kernel_with_broken_ipywidgets(tmp_path):
     script = ("import json, sys, nbformat\nfrom nbclient import NotebookClient\n"
               "nb = nbformat.read(sys.argv[1], 4)\nNotebookClient(nb, timeout=120).execute()\n"
               "print(json.dumps(nb.cells[0].outputs))\n")
-    run = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True,
+                         timeout=300)
     assert run.returncode == 0, run.stderr
     outputs = json.loads(run.stdout.strip().splitlines()[-1])
     stderr = "".join(o.get("text", "") for o in outputs if o.get("name") == "stderr")
