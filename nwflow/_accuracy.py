@@ -1,0 +1,102 @@
+r"""The accuracy policy of the exact engine: when a streamed row is trusted, refined or redone.
+
+Book: Part I, chapter 3 (why the last digits of the closed form need care near t = 1).
+
+The engine (:mod:`nwflow.empirical`) streams each row's logits
+l_j = <q, x^(j)> - a ||x^(j) - c||^2 in the compute dtype (fp32 or fp64). Three rules, with
+every constant they use here and nowhere else:
+
+1. An a-priori bound on each row's logit rounding error (:func:`logit_error_bound`):
+   |<q, x^(j)>| <= ||q|| max_j ||x^(j)|| and a ||x^(j) - c||^2 <= a max_j ||x^(j) - c||^2, each
+   rounded to a few eps of its size.
+2. Candidate refinement. Logits scale like 1 / sigma_t^2: near t = 1 the bound is many units,
+   enough to reweigh two nearly equidistant points, but there the weight sits on a handful of
+   points. Each row keeps its :data:`CANDIDATES` largest logits; a row is *covered*
+   (:func:`covered`) when every other logit lies so far below the maximum (twice the bound plus
+   log n + log(1/eps)) that their total weight is below eps at any rounding; it is then
+   recomputed from its candidates alone in float64 with explicit differences.
+3. Float64 fallback. Where the weights stay spread, a logit error delta_j moves the mean by
+   sum_j w_j delta_j (x^(j) - m): at most (bound) x (weighted standard deviation of the support)
+   (:func:`relative_error`). Where that estimate of an fp32 row exceeds :data:`FALLBACK_TOL`,
+   the rounding actually made is measured on the row's top :data:`OBSERVED` candidates (with a
+   margin :data:`OBSERVED_SAFETY`, capped by the bound), and a row still above the tolerance is
+   recomputed by a float64 pass over the support (rare: low-dimensional data with soft weights).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from nwflow._precision import WIDE
+
+__all__ = ["CANDIDATES", "FALLBACK_TOL", "OBSERVED", "OBSERVED_SAFETY", "logit_error_bound",
+           "tracks_candidates", "covered", "relative_error"]
+
+# Candidates per row kept for the exact refinement.
+CANDIDATES = 64
+# Safety factor on the rounding error of a logit (two vector products and a subtraction:
+# a few units of eps times the magnitudes involved).
+ERROR_FACTOR = 4.0
+# Rows whose logit error bound is below this many eps are accurate as streamed.
+REFINE_FROM = 16.0
+# An fp32 row whose estimated relative error exceeds this is recomputed in float64.
+FALLBACK_TOL = 5e-5
+# Logits whose rounding is measured before a float64 fallback, and the margin put on the
+# largest error seen among them.
+OBSERVED = 8
+OBSERVED_SAFETY = 8.0
+
+
+def logit_error_bound(q: torch.Tensor, a: torch.Tensor, eps: float, raw_max: float,
+                      centred_max2: float) -> torch.Tensor:
+    r"""A-priori bound on each row's logit rounding error, (B,) float64.
+
+    .. math:: |\delta_j| \le 4 \epsilon \big(\|q\| \max_j \|x^{(j)}\| + a \max_j \|x^{(j)} - c\|^2\big)
+
+    Shapes: ``q`` (B, D), ``a`` (B,); ``raw_max`` = max_j ||x^(j)||, ``centred_max2`` =
+    max_j ||x^(j) - c||^2. Chapter 3.
+    """
+    q_norm = torch.linalg.vector_norm(q, dim=1).to(WIDE)
+    return ERROR_FACTOR * eps * (q_norm * raw_max + a.to(WIDE) * centred_max2)
+
+
+def tracks_candidates(error: torch.Tensor, eps: float) -> torch.Tensor:
+    """Rows (B,) whose logits can be off by more than a few eps: candidates are kept for them."""
+    return error > REFINE_FROM * eps
+
+
+def covered(error: torch.Tensor, top: torch.Tensor, n: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Rows whose weight provably sits on their candidates (B,), and how many each needs (B,).
+
+    .. math:: l_k < \max_j l_j - (2 \bar\delta + \log n + \log(1/\epsilon) + 2)
+        \;\Rightarrow\; \textstyle\sum_{k \notin \text{candidates}} w_k < \epsilon
+
+    Shapes: ``error`` (B,) the bound, ``top`` (B, K) each row's largest logits, descending.
+    Chapter 3.
+    """
+    margin = 2.0 * error + math.log(n) + math.log(1.0 / eps) + 2.0
+    inside = (top.to(WIDE) >= (top[:, 0].to(WIDE) - margin)[:, None]).sum(dim=1)
+    # With all n points among the candidates every row is covered.
+    return ((inside < top.shape[1]) | (top.shape[1] == n)) & tracks_candidates(error, eps), inside
+
+
+def relative_error(error: torch.Tensor, eps: float, m: torch.Tensor, x: torch.Tensor, spread: torch.Tensor,
+                   center: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    r"""Estimated relative error (B,) of a streamed output y = (a m - b x) / c.
+
+    .. math:: \frac{\|\Delta y\|}{\|y\|} \lesssim
+        \frac{a(\bar\delta\, \mathrm{sd}_w + 4\epsilon(\|m\| + \mathrm{sd}_w)) + \epsilon (a \|m\| + b \|x\|)}
+             {\|a m - b x\|}
+
+    sd_w is the weighted standard deviation of the support, from ``spread`` =
+    sum_j w_j ||x^(j) - c||^2. The errors need not average out: near a zero of the velocity,
+    correlated errors over a cluster were seen not to. c cancels. Shapes: ``error``, ``spread``,
+    ``a``, ``b`` (B,); ``m``, ``x`` (B, D) float64; ``center`` (D,). Chapter 3.
+    """
+    sd = (spread - (m - center).square().sum(dim=1)).clamp_min(0.0).sqrt()
+    m_norm = m.norm(dim=1)
+    dm = error * sd + ERROR_FACTOR * eps * (m_norm + sd)
+    y = a[:, None] * m - b[:, None] * x
+    return (a * dm + eps * (a * m_norm + b * x.norm(dim=1))) / y.norm(dim=1)
