@@ -11,8 +11,10 @@ minibatch of data x1 by the optimal transport plan for the squared Euclidean cos
 computed exactly by POT's network simplex (``ot.emd``) or, as an option, with entropic
 regularisation (``ot.sinkhorn``, stabilised). Pairs drawn from P* are trained on the path
 x_t = sigma_t x0 + t x1 with the conditional target x1 - (1 - sigma_min) x0
-(:mod:`nwflow.path`). As the batch grows, the pairs approach the population OT coupling,
-whose field is the proximal one of :mod:`nwflow.proximal`.
+(:mod:`nwflow.path`). The field such a set of pairs defines (a Nadaraya-Watson smoother
+over the moving centres (1 - t) x0_i + t x1_i) is :func:`nwflow.rectified.pair_velocity`.
+As the batch grows, the pairs approach the population OT coupling, whose field is the
+proximal one of :mod:`nwflow.proximal`.
 
 Minibatches of a finite data set repeat points: :func:`ot_pairs` solves the problem against
 the distinct points with their multiplicities (the same optimum, a much smaller LP: a
@@ -29,11 +31,10 @@ import warnings
 import numpy as np
 import torch
 
-from nwflow._checks import check_float_tensor, check_sigma_min
+from nwflow._checks import check_float_tensor
 from nwflow._precision import WIDE
-from nwflow.path import conditional_velocity, sample_xt
 
-__all__ = ["squared_distances", "ot_plan", "ot_pairs", "ot_cfm_batch", "pair_field"]
+__all__ = ["squared_distances", "ot_plan", "ot_pairs"]
 
 METHODS = ("exact", "sinkhorn")
 
@@ -160,49 +161,3 @@ def ot_pairs(x0: torch.Tensor, x1: torch.Tensor, method: str = "exact", reg: flo
     P = ot_plan(x0, x1, method=method, reg=reg)
     partner = torch.multinomial(P.cpu().clamp_min(0.0), 1, generator=generator)[:, 0].to(x1.device)
     return x0, x1[partner]
-
-
-def ot_cfm_batch(x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, sigma_min: float = 0.0,
-                 method: str = "exact", reg: float = 0.05, generator: torch.Generator | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""One OT-CFM training batch: pair by OT, then x_t = sigma_t x0 + t x1 and the target
-    u = x1 - (1 - sigma_min) x0 (the straight path's velocity).
-
-    Shapes: x0, x1 (B, D) (noise and data minibatches), t (B,) in [0, 1].
-    Returns (x_t (B, D), target (B, D)). Chapter 7.
-    """
-    check_sigma_min(sigma_min)
-    a, b = ot_pairs(x0, x1, method=method, reg=reg, generator=generator)
-    return sample_xt(a, b, t, sigma_min), conditional_velocity(a, b, sigma_min)
-
-
-def pair_field(x: torch.Tensor, t: float, x0: torch.Tensor, x1: torch.Tensor, sigma: float) -> torch.Tensor:
-    r"""The marginal field of a finite set of pairs on Gaussian tubes (OT-CFM with constant sigma).
-
-    With pairs (x0_i, x1_i), i = 1..M, and x_t ~ N((1 - t) x0_i + t x1_i, sigma^2 I) for a
-    uniformly chosen pair i, the exact marginal velocity is a kernel smoother over the pairs:
-
-        v(x, t) = sum_i w_i (x1_i - x0_i),
-        w_i = softmax_i( -||x - (1 - t) x0_i - t x1_i||^2 / (2 sigma^2) ).
-
-    Fed with minibatch-OT pairs, this is the field a network trained by OT-CFM on those pairs
-    converges to; as the pairs approach the OT coupling and sigma -> 0 it becomes the
-    proximal field. Shapes: x (B, D), x0, x1 (M, D); t in [0, 1]; sigma > 0.
-    Returns (B, D) in x's dtype (computed in float64). Chapter 7.
-    """
-    x = _batch(x, "x")
-    x0 = _batch(x0, "x0")
-    x1 = _batch(x1, "x1")
-    _pair_shapes(x0, x1)
-    _pair_shapes(x, x0)
-    if x0.shape != x1.shape:
-        raise ValueError(f"x0 and x1 must have the same shape, got {tuple(x0.shape)} and {tuple(x1.shape)}")
-    if isinstance(t, bool) or not isinstance(t, numbers.Real) or not 0.0 <= t <= 1.0:
-        raise ValueError(f"t must be a number in [0, 1], got {t!r}")
-    sigma = _positive_real(sigma, "sigma")
-    a = x0.to(WIDE)
-    b = x1.to(WIDE)
-    centres = (1.0 - t) * a + t * b
-    # -||x - c_i||^2 / (2 s^2) up to a per-row constant: two GEMMs, no (B, M, D) block
-    logits = (x.to(WIDE) @ centres.T - 0.5 * centres.square().sum(1)) / sigma**2
-    return (torch.softmax(logits, dim=1) @ (b - a)).to(x.dtype)

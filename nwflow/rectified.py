@@ -47,6 +47,7 @@ from torch import nn
 
 from nwflow._checks import check_float_tensor, check_same_shape, check_time
 from nwflow._precision import WIDE, exact_matmul
+from nwflow._stream import softmax_mean
 from nwflow.empirical import posterior_weights
 from nwflow.path import conditional_velocity, sample_xt
 from nwflow.solvers import VelocityFn
@@ -283,6 +284,27 @@ def pair_batch_fn(x0: torch.Tensor, x1: torch.Tensor, batch_size: int, sigma: fl
 
 
 # -- the pair-optimal field -----------------------------------------------------------
+def _pair_inputs(x: object, t: float | torch.Tensor, x0: object, x1: object, sigma: object
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Checked (x, x_flat (B, D), t (B,) wide, x0_flat, x1_flat (N, D), sigma)."""
+    x0, x1 = _check_pairs(x0, x1)
+    sigma = _check_sigma(sigma)
+    x = check_float_tensor(x, "x")
+    if tuple(x.shape[1:]) != tuple(x0.shape[1:]) or x.dim() != x0.dim():
+        raise ValueError(f"x must have shape (B, {', '.join(map(str, x0.shape[1:]))}), got {tuple(x.shape)}")
+    if x.dtype != x0.dtype or x.device != x0.device:
+        raise ValueError(f"x must share dtype and device with x0 ({x0.dtype} on {x0.device}), "
+                         f"got {x.dtype} on {x.device}")
+    tt = check_time(t, batch=x.shape[0], dtype=WIDE, device=x.device, name="t")
+    flat = (x.reshape(x.shape[0], -1), x0.reshape(x0.shape[0], -1), x1.reshape(x1.shape[0], -1))
+    return x, flat[0], tt, flat[1], flat[2], sigma
+
+
+def _one_time(tt: torch.Tensor) -> bool:
+    """All rows at the same time: then they share one set of centres."""
+    return tt.numel() == 0 or bool((tt == tt[0]).all())
+
+
 def pair_weights(x: torch.Tensor, t: float | torch.Tensor, x0: torch.Tensor, x1: torch.Tensor,
                  sigma: float) -> torch.Tensor:
     r"""Posterior weights over pairs, w_i(x, t) = softmax_i(-||x - c_i(t)||^2 / (2 sigma^2)), (B, N).
@@ -296,22 +318,11 @@ def pair_weights(x: torch.Tensor, t: float | torch.Tensor, x0: torch.Tensor, x1:
     sigma = 0 is the limit: the one-hot weight of the nearest centre (ties: the lowest index).
     Shapes: x (B, *S), x0 and x1 (N, *S). Chapter 8, eq. (pair field).
     """
-    x0, x1 = _check_pairs(x0, x1)
-    sigma = _check_sigma(sigma)
-    x = check_float_tensor(x, "x")
-    if tuple(x.shape[1:]) != tuple(x0.shape[1:]) or x.dim() != x0.dim():
-        raise ValueError(f"x must have shape (B, {', '.join(map(str, x0.shape[1:]))}), got {tuple(x.shape)}")
-    if x.dtype != x0.dtype or x.device != x0.device:
-        raise ValueError(f"x must share dtype and device with x0 ({x0.dtype} on {x0.device}), "
-                         f"got {x.dtype} on {x.device}")
-    tt = check_time(t, batch=x.shape[0], dtype=WIDE, device=x.device, name="t")
-    xf = x.reshape(x.shape[0], -1)
-    a, b = x0.reshape(x0.shape[0], -1), x1.reshape(x1.shape[0], -1)
+    x, xf, tt, a, b, sigma = _pair_inputs(x, t, x0, x1, sigma)
     if x.shape[0] == 0:
         return torch.empty(0, a.shape[0], dtype=x.dtype, device=x.device)
-    if bool((tt == tt[0]).all()):
-        s = float(tt[0])
-        centres = (1.0 - s) * a + s * b
+    if _one_time(tt):
+        centres = sample_xt(a, b, float(tt[0]))
         if sigma > 0.0:
             tau = 1.0 / (1.0 + sigma)
             return posterior_weights(tau * xf, tau, centres, sigma_min=0.0)
@@ -333,7 +344,7 @@ def _moving_centre_distances(xf: torch.Tensor, tt: torch.Tensor, a: torch.Tensor
     every row sees its own centres.
     """
     x64, a64 = xf.to(WIDE), a.to(WIDE)
-    d64 = b.to(WIDE) - a64
+    d64 = conditional_velocity(a64, b.to(WIDE))
     t = tt[:, None]
     with exact_matmul():
         sq = (x64.square().sum(1, keepdim=True) - 2.0 * (x64 @ a64.T) - 2.0 * t * (x64 @ d64.T)
@@ -351,12 +362,19 @@ def pair_velocity(x: torch.Tensor, t: float | torch.Tensor, x0: torch.Tensor, x1
     :func:`pair_weights`). For sigma > 0 it transports the mixture (1/N) sum_i N(x0_i, sigma^2 I)
     exactly onto (1/N) sum_i N(x1_i, sigma^2 I); at sigma = 0 (the nearest-line field) it equals
     x1_i - x0_i on the line of pair i, so Euler steps from x0_i land on x1_i: memorisation.
-    The (B, N) weights are formed (N is a number of training pairs here). Chapter 8.
+    It is also the field of minibatch OT-CFM on Gaussian tubes, fed with OT pairs
+    (:func:`nwflow.ot.ot_pairs`). The (B, N) weights are formed (N is a number of training
+    pairs here), in float64 when the rows' times differ. Chapter 8.
     """
-    w = pair_weights(x, t, x0, x1, sigma)
-    d = (x1 - x0).reshape(x0.shape[0], -1)
-    with exact_matmul():
-        v = w.to(WIDE) @ d.to(WIDE)
+    x, xf, tt, a, b, sigma = _pair_inputs(x, t, x0, x1, sigma)
+    d = conditional_velocity(a.to(WIDE), b.to(WIDE))                      # x1_i - x0_i, (N, D)
+    if sigma > 0.0 and not _one_time(tt):
+        # Every row has its own centres: the shared dense kernel mean of the wide logits.
+        v = softmax_mean(-_moving_centre_distances(xf, tt, a, b) / (2.0 * sigma**2), d)
+    else:
+        # One set of centres (the engine's exact weights) or sigma = 0 (one-hot weights).
+        with exact_matmul():
+            v = pair_weights(x, tt, x0, x1, sigma).to(WIDE) @ d
     return v.to(x.dtype).reshape(x.shape)
 
 

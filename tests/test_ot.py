@@ -1,7 +1,8 @@
 """Tests for nwflow.ot against independent float64 references.
 
 References: brute-force enumeration of permutations (tiny n), scipy's linear_sum_assignment
-and linprog, a plain numpy Sinkhorn, and the pair-field formula with explicit differences.
+and linprog, and a plain numpy Sinkhorn. The field of a set of pairs is
+``nwflow.rectified.pair_velocity``, tested in test_rectified.py.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment, linprog
 
-from nwflow.ot import ot_cfm_batch, ot_pairs, ot_plan, pair_field, squared_distances
+from nwflow.ot import ot_pairs, ot_plan, squared_distances
 
 
 def rng_points(n, d, seed, scale=1.0):
@@ -122,38 +123,6 @@ def test_sinkhorn_pairs_small_reg_recover_the_assignment_on_separated_data():
     assert torch.equal(b, x1)
 
 
-def test_ot_cfm_batch_against_scipy_assignment():
-    x0, x1 = rng_points(40, 2, 12), rng_points(40, 2, 13, 3.0)
-    t = torch.rand(40, generator=torch.Generator().manual_seed(14), dtype=torch.float64)
-    xt, target = ot_cfm_batch(x0, x1, t)
-    C = ((x0.numpy()[:, None] - x1.numpy()[None]) ** 2).sum(-1)
-    _, col = linear_sum_assignment(C)
-    x1p = x1.numpy()[col]
-    tt = t.numpy()[:, None]
-    np.testing.assert_allclose(xt.numpy(), (1 - tt) * x0.numpy() + tt * x1p, atol=1e-12)
-    np.testing.assert_allclose(target.numpy(), x1p - x0.numpy(), atol=1e-12)
-    xt2, target2 = ot_cfm_batch(x0, x1, t, sigma_min=0.1)
-    np.testing.assert_allclose(xt2.numpy(), (1 - 0.9 * tt) * x0.numpy() + tt * x1p, atol=1e-12)
-    np.testing.assert_allclose(target2.numpy(), x1p - 0.9 * x0.numpy(), atol=1e-12)
-
-
-def test_pair_field_matches_explicit_formula():
-    x0, x1 = rng_points(30, 2, 15), rng_points(30, 2, 16, 2.0)
-    x = rng_points(9, 2, 17, 2.0)
-    t, s = 0.4, 0.3
-    v = pair_field(x, t, x0, x1, s)
-    c = (1 - t) * x0.numpy() + t * x1.numpy()
-    logits = -((x.numpy()[:, None] - c[None]) ** 2).sum(-1) / (2 * s * s)
-    w = np.exp(logits - logits.max(1, keepdims=True))
-    w /= w.sum(1, keepdims=True)
-    np.testing.assert_allclose(v.numpy(), w @ (x1.numpy() - x0.numpy()), atol=1e-12)
-    # one pair: the field is that pair's velocity everywhere
-    v1 = pair_field(x, t, x0[:1], x1[:1], s)
-    np.testing.assert_allclose(v1.numpy(), np.broadcast_to((x1[0] - x0[0]).numpy(), (9, 2)), atol=1e-12)
-    # fp32 in, fp32 out
-    assert pair_field(x.float(), t, x0.float(), x1.float(), s).dtype == torch.float32
-
-
 def test_bad_inputs_raise_named_errors():
     x = rng_points(4, 2, 0)
     with pytest.raises(ValueError, match="method"):
@@ -170,7 +139,3 @@ def test_bad_inputs_raise_named_errors():
         ot_plan(torch.ones(4, 2, dtype=torch.int64), x)
     with pytest.raises(ValueError, match="x1"):
         ot_plan(x, torch.full((4, 2), float("nan"), dtype=torch.float64))
-    with pytest.raises(ValueError, match="sigma"):
-        pair_field(x, 0.5, x, x, 0.0)
-    with pytest.raises(ValueError, match="t must"):
-        pair_field(x, 1.5, x, x, 0.1)

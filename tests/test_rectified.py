@@ -214,6 +214,20 @@ def test_pair_field_matches_nadaraya_watson_reference(sigma):
     np.testing.assert_allclose(v32.double().numpy(), v_ref, atol=2e-4, rtol=1e-4)
 
 
+def test_pair_field_of_one_pair_is_its_displacement_everywhere():
+    """Ported from the removed ot.pair_field test: with one pair every weight is 1."""
+    x0 = torch.randn(1, 2, generator=_gen(15), dtype=torch.float64)
+    x1 = 2 * torch.randn(1, 2, generator=_gen(16), dtype=torch.float64)
+    x = 2 * torch.randn(9, 2, generator=_gen(17), dtype=torch.float64)
+    t = torch.linspace(0.0, 1.0, 9, dtype=torch.float64)
+    for times in (0.4, t):                       # one shared time (the engine), per-row times
+        v = rf.pair_velocity(x, times, x0, x1, 0.3)
+        np.testing.assert_allclose(v.numpy(), np.broadcast_to((x1[0] - x0[0]).numpy(), (9, 2)), atol=1e-12)
+    # Per-row times in fp32 take the float64 logits and return fp32.
+    v32 = rf.pair_velocity(x.float(), t.float(), x0.float(), x1.float(), 0.3)
+    assert v32.dtype == torch.float32
+
+
 def test_pair_field_limits():
     n = 9
     x0 = torch.randn(n, 2, generator=_gen(22), dtype=torch.float64)
