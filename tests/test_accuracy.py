@@ -1,0 +1,74 @@
+"""nwflow._accuracy: the rounding bounds hold on real fp32 logits, and coverage means what it says."""
+
+import math
+
+import torch
+
+from nwflow import _accuracy
+from nwflow.empirical import EmpiricalField
+
+F64 = torch.float64
+
+
+def _fp32_and_exact_logits(X64, x64, t):
+    """The engine's streamed fp32 logits and the same logits in float64, for one t."""
+    field = EmpiricalField(X64.float())
+    xf, tt = field._query(x64.float(), t)
+    q, a = field._scaled_query(xf, tt, torch.float32)
+    fp32 = field._logits(q, a, field.support, field.key_norms).double()
+    q64, a64 = field._scaled_query(xf, tt, F64)
+    norms64 = (field.support.double() - field.center.double()).square().sum(1)
+    exact = q64 @ field.support.double().T - a64[:, None] * norms64
+    bound = _accuracy.logit_error_bound(q, a, field._eps, field._raw_max, field._centred_max2)
+    return fp32, exact, bound
+
+
+def test_the_a_priori_bound_holds_on_fp32_logits_from_t_0_to_0_999():
+    g = torch.Generator().manual_seed(0)
+    X64 = 3.0 * torch.randn(500, 16, generator=g, dtype=F64) + 20.0  # away from the origin
+    x64 = 3.0 * torch.randn(32, 16, generator=g, dtype=F64) + 20.0
+    for t in (0.1, 0.5, 0.9, 0.99, 0.999):
+        fp32, exact, bound = _fp32_and_exact_logits(X64, t * x64, t)
+        err = (fp32 - exact).abs().amax(dim=1)
+        assert bool((err <= bound).all()), (t, float((err / bound).max()))
+        # ... and it is not vacuous: within a few hundred times the error actually made.
+        assert float((bound / err.clamp_min(1e-30)).median()) < 1e3
+
+
+def test_covered_rows_have_negligible_weight_outside_their_candidates():
+    n, eps = 1000, torch.finfo(torch.float32).eps
+    error = torch.full((2,), 1.0, dtype=F64)
+    margin = 2.0 + math.log(n) + math.log(1 / eps) + 2.0
+    gap = torch.tensor([[0.0, -1.0, -2.0, -(margin + 0.5), -(margin + 1.0)],   # a clear gap after 3
+                        [0.0, -1.0, -2.0, -3.0, -4.0]], dtype=F64)             # no gap inside K
+    covered, inside = _accuracy.covered(error, gap, n, eps)
+    assert covered.tolist() == [True, False] and int(inside[0]) == 3
+    # Worst case for the covered row: every other point at the K-th logit, every logit off by
+    # the bound in the unfavourable direction; their total weight stays below eps.
+    worst = (n - 3) * math.exp(float(gap[0, 3]) + 2 * float(error[0]))
+    assert worst / math.exp(0.0) < eps
+    # With all n points among the candidates every tracked row is covered; untracked rows never.
+    assert bool(_accuracy.covered(error, gap, 5, eps)[0].all())
+    assert not bool(_accuracy.covered(torch.zeros(2, dtype=F64), gap, n, eps)[0].any())
+
+
+def test_relative_error_bounds_an_adversarial_perturbation_of_the_logits():
+    """Shift each logit by +-delta (the sign that moves the mean most along one direction) and
+    check the change of y = (m - x) stays within the estimate."""
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(200, 3, generator=g, dtype=F64)
+    logits = torch.randn(4, 200, generator=g, dtype=F64)
+    x = torch.randn(4, 3, generator=g, dtype=F64)
+    delta = torch.full((4,), 1e-4, dtype=F64)
+    w = torch.softmax(logits, 1)
+    m = w @ X
+    center = X.mean(0)
+    spread = w @ (X - center).square().sum(1)
+    one, zero = torch.ones(4, dtype=F64), torch.zeros(4, dtype=F64)
+    est_u = _accuracy.relative_error(delta, 1e-16, m, x, spread, center, one, one)   # y = m - x
+    est_m = _accuracy.relative_error(delta, 1e-16, m, x, spread, center, one, zero)  # y = m
+    for k in range(3):
+        sign = torch.sign(X[:, k] - m[:, k, None])
+        m2 = torch.softmax(logits + delta[:, None] * sign, 1) @ X
+        assert bool(((m2 - m).norm(dim=1) / (m - x).norm(dim=1) <= est_u).all())
+        assert bool(((m2 - m).norm(dim=1) / m.norm(dim=1) <= est_m).all())

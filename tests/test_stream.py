@@ -1,0 +1,64 @@
+"""nwflow._stream: the online log-sum-exp against explicit float64 softmax sums, for any split."""
+
+import pytest
+import torch
+
+from nwflow._stream import Block, online_softmax, softmax_mean
+
+F64 = torch.float64
+
+
+def _problem(B=5, n=53, D=4, scale=40.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = scale * torch.randn(B, n, generator=g, dtype=F64)
+    return (logits, torch.randn(n, D, generator=g, dtype=F64), torch.randn(B, n, generator=g, dtype=F64),
+            torch.rand(n, generator=g, dtype=F64))
+
+
+def _blocks(logits, values, factor, scalars, edges):
+    for s, e in zip(edges[:-1], edges[1:], strict=True):
+        yield Block(logits[:, s:e].clone(), values[s:e], factor[:, s:e], scalars[s:e], start=s)
+
+
+@pytest.mark.parametrize("edges", [[0, 53], [0, 1, 53], [0, 10, 20, 30, 40, 50, 53], list(range(54))])
+def test_every_accumulator_matches_the_explicit_softmax_for_any_split(edges):
+    logits, V, F, s = _problem()
+    w = torch.softmax(logits, dim=1)
+    acc = online_softmax(_blocks(logits, V, F, s, edges), squares=True, top_k=7)
+    torch.testing.assert_close(acc.mean, (w * F) @ V, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(acc.factor_mean, (w * F).sum(1), rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(acc.square, w.square().sum(1), rtol=1e-13, atol=0.0)
+    torch.testing.assert_close(acc.scalar, w @ s, rtol=1e-13, atol=0.0)
+    torch.testing.assert_close(acc.row_max, logits.amax(1), rtol=0.0, atol=0.0)
+    top = torch.topk(logits, 7, dim=1)
+    assert torch.equal(acc.top_index, top.indices) and torch.equal(acc.top_logits, top.values)
+
+
+def test_blocks_with_far_apart_maxima_are_rescaled_not_added():
+    """A later block whose logits are 1000 above the first: a pass that did not rescale what it
+    had summed (or that added per-block log-sum-exps) would weigh the first block by e^1000."""
+    logits, V, _, _ = _problem(B=3, n=20)
+    logits[:, 10:] += 1000.0
+    acc = online_softmax(Block(logits[:, s:s + 10].clone(), V[s:s + 10], start=s) for s in (0, 10))
+    torch.testing.assert_close(acc.mean, torch.softmax(logits, 1) @ V, rtol=1e-13, atol=1e-13)
+    assert bool(torch.isfinite(acc.mean).all())
+
+
+def test_fp32_logits_of_size_1e4_do_not_overflow():
+    logits, V, _, _ = _problem(scale=1e4)
+    m = softmax_mean(logits.float(), V.float())
+    assert m.dtype == torch.float32
+    torch.testing.assert_close(m.double(), torch.softmax(logits, 1) @ V, rtol=1e-5, atol=1e-5)
+
+
+def test_softmax_mean_leaves_its_input_and_checks_shapes():
+    logits, V, _, _ = _problem()
+    kept = logits.clone()
+    torch.testing.assert_close(softmax_mean(logits, V), torch.softmax(kept, 1) @ V, rtol=1e-14, atol=1e-14)
+    assert torch.equal(logits, kept)
+    with pytest.raises(ValueError, match="must agree on n"):
+        softmax_mean(logits, V[:-1])
+    with pytest.raises(ValueError, match="no keys"):
+        softmax_mean(torch.empty(2, 0), torch.empty(0, 3))
+    with pytest.raises(ValueError, match="blocks is empty"):
+        online_softmax([])
