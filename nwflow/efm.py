@@ -34,10 +34,11 @@ import numbers
 
 import torch
 
-from nwflow._checks import check_float_tensor, check_same_shape, check_sigma_min, check_time
+from nwflow._checks import check_float_tensor, check_same_shape, check_sigma_min
 from nwflow._precision import WIDE, exact_matmul
+from nwflow._stream import softmax_mean
 from nwflow.empirical import EmpiricalField
-from nwflow.path import conditional_velocity, sample_xt
+from nwflow.path import conditional_target, conditional_velocity, sample_xt, sigma, time_per_row
 from nwflow.solvers import VelocityFn, integrate
 
 __all__ = [
@@ -93,32 +94,37 @@ def efm_target(
             raise TypeError(f"{name} has dtype {other.dtype} but x has dtype {x.dtype}")
     # The estimator is formed in the wide dtype: near t = 1 the logits scale like
     # 1 / sigma_t^2 and (m - x) / sigma_t cancels, so fp32 would lose the target there.
-    dt = WIDE
-    tt = check_time(t, batch=B, dtype=dt, device=x.device, name="t", sigma_min=sigma_min)
-    c = 1.0 - sigma_min
-    s = 1.0 - c * tt                                            # sigma_t, (B,)
-    xf = x.reshape(B, -1).to(dt)
-    b1 = x1.reshape(B, -1).to(dt)
-    inv2s2 = 1.0 / (2.0 * s.square())
+    tt = time_per_row(t, x, sigma_min=sigma_min, dtype=WIDE)
+    xf = x.reshape(B, -1).to(WIDE)
+    b1 = x1.reshape(B, -1).to(WIDE)
+    inv2s2 = 1.0 / (2.0 * sigma(tt, sigma_min).square())
     # The generating point's logit in the direct form: no cancellation even as t -> 1.
     l1 = -(xf - tt[:, None] * b1).square().sum(dim=1) * inv2s2  # (B,)
-    with exact_matmul():
-        if shared:
-            R = references.reshape(references.shape[0], xf.shape[1]).to(dt)         # (K, D)
-            # ||x - t b||^2 = ||x||^2 - 2 t <x, b> + t^2 ||b||^2; the ||x||^2 term is constant in
-            # j but kept so that l1 and lk share one scale (l1 is not a GEMM entry).
-            d2 = (xf.square().sum(1)[:, None] - 2.0 * tt[:, None] * (xf @ R.T)
-                  + tt.square()[:, None] * R.square().sum(1)[None, :]).clamp_min(0.0)
-        else:
-            R = references.reshape(B, references.shape[1], xf.shape[1]).to(dt)      # (B, K, D)
-            d2 = (xf[:, None, :] - tt[:, None, None] * R).square().sum(dim=2)
-        logits = torch.cat([l1[:, None], -d2 * inv2s2[:, None]], dim=1)      # (B, M)
-        lam = torch.softmax(logits, dim=1)
-        if shared:
-            m = lam[:, :1] * b1 + lam[:, 1:] @ R
-        else:
-            m = lam[:, :1] * b1 + torch.einsum("bk,bkd->bd", lam[:, 1:], R)
-        u = (m - c * xf) / s[:, None]
+    if references.shape[0 if shared else 1] == 0:
+        m = b1                                                   # M = 1: the conditional target
+    else:
+        with exact_matmul():
+            if shared:
+                R = references.reshape(references.shape[0], xf.shape[1]).to(WIDE)     # (K, D)
+                # ||x - t b||^2 = ||x||^2 - 2 t <x, b> + t^2 ||b||^2; the ||x||^2 term is constant
+                # in j but kept so that l1 and lk share one scale (l1 is not a GEMM entry).
+                d2 = (xf.square().sum(1)[:, None] - 2.0 * tt[:, None] * (xf @ R.T)
+                      + tt.square()[:, None] * R.square().sum(1)[None, :]).clamp_min(0.0)
+            else:
+                R = references.reshape(B, references.shape[1], xf.shape[1]).to(WIDE)  # (B, K, D)
+                d2 = (xf[:, None, :] - tt[:, None, None] * R).square().sum(dim=2)
+            lk = -d2 * inv2s2[:, None]                                                # (B, K)
+            # softmax_j over [l1, lk] is [lambda_1, (1 - lambda_1) softmax_k(lk)]: the kernel mean
+            # of the references, mixed with the generating point b^(1) by its weight lambda_1.
+            lse = torch.logsumexp(lk, dim=1)
+            if shared:
+                m_refs = softmax_mean(lk, R)
+            else:
+                # One reference set per row: per-row values, which softmax_mean (one (K, D) set
+                # shared by the rows) does not take, so the batched product is written here.
+                m_refs = torch.einsum("bk,bkd->bd", torch.softmax(lk, dim=1), R)
+            m = torch.sigmoid(l1 - lse)[:, None] * b1 + torch.sigmoid(lse - l1)[:, None] * m_refs
+    u = conditional_target(xf, m, tt, sigma_min)
     return u.reshape(x.shape).to(x.dtype)
 
 

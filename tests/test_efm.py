@@ -76,6 +76,26 @@ def test_per_row_references_match_reference_float64():
                                    rtol=1e-12, atol=1e-12)
 
 
+def test_shared_references_match_reference_float64():
+    """The shared form mixes the references' kernel mean with the generating point by its
+    weight lambda_1 (one softmax split in two); it must agree with the one-softmax reference
+    to float64 rounding, also where lambda_1 is nearly 0 or 1."""
+    g = torch.Generator().manual_seed(5)
+    B, K, D = 6, 9, 3
+    x = torch.randn(B, D, generator=g, dtype=torch.float64)
+    x1 = torch.randn(B, D, generator=g, dtype=torch.float64)
+    refs = torch.randn(K, D, generator=g, dtype=torch.float64)
+    x[0] = 0.95 * refs[2]                  # a reference far closer than x1: lambda_1 ~ 0
+    x[1] = 0.95 * x1[1]                    # x on the generating point's line: lambda_1 ~ 1
+    t = torch.tensor([0.95, 0.95, 0.0, 0.3, 0.6, 0.8], dtype=torch.float64)
+    for sigma_min in (0.0, 0.1):
+        out = efm_target(x, t, x1, refs, sigma_min=sigma_min)
+        for i in range(B):
+            b = np.vstack([x1[i:i + 1].numpy(), refs.numpy()])
+            np.testing.assert_allclose(out[i].numpy(), ref_target(x[i].numpy(), float(t[i]), b, sigma_min),
+                                       rtol=1e-11, atol=1e-11)
+
+
 def test_shared_equals_per_row_when_references_repeat():
     g = torch.Generator().manual_seed(2)
     x, x1 = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
