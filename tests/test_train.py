@@ -1,3 +1,6 @@
+import ast
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -73,3 +76,10 @@ def test_non_finite_loss_stops():
 
     with pytest.raises(FloatingPointError, match="step 0"):
         train_velocity(Linear(), bad, steps=3, progress=False)
+
+
+def test_train_imports_only_the_floors():
+    """train sits below the experiments: its nwflow imports are the atomic writer and the bar."""
+    tree = ast.parse((Path(__file__).resolve().parents[1] / "nwflow" / "train.py").read_text())
+    names = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert {n for n in names if n.startswith("nwflow")} == {"nwflow._io", "nwflow._progress"}
