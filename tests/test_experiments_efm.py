@@ -21,10 +21,16 @@ needs_real = pytest.mark.skipif(
 
 
 def test_presets():
-    smoke, gpu = E.preset("smoke"), E.preset("gpu")
-    assert gpu["steps"] > smoke["steps"] and gpu["resolution"] == 32 and gpu["cifar_limit"] is None
-    assert gpu["n_efm"] in gpu["n_list"] and smoke["n_efm"] in smoke["n_list"]
-    for cfg in (smoke, gpu):   # every tau must lie on the sampler's grid
+    assert tuple(E.PRESETS) == ("smoke", "cpu", "gpu")
+    smoke, cpu, gpu = E.preset("smoke"), E.preset("cpu"), E.preset("gpu")
+    assert gpu["steps"] > cpu["steps"] > smoke["steps"]
+    assert gpu["resolution"] == 32 and gpu["cifar_limit"] is None
+    # What the cpu preset's docstring promises: 8 x 8 images, n up to 1,000, 2,000 steps a model.
+    assert cpu["resolution"] == 8 and max(cpu["n_list"]) == 1000 and cpu["steps"] == 2000
+    assert len(cpu["n_list"]) + len(cpu["efm_m"]) == 5
+    for cfg in (smoke, cpu, gpu):
+        assert cfg["n_efm"] in cfg["n_list"]
+        # every tau must lie on the sampler's grid
         assert all(abs(tau * cfg["ode_steps"] - round(tau * cfg["ode_steps"])) < 1e-9 for tau in cfg["taus"])
     assert E.preset("smoke", steps=3)["steps"] == 3
     with pytest.raises(ValueError, match="preset"):
@@ -33,13 +39,24 @@ def test_presets():
         E.preset("smoke", stepz=3)
 
 
+def test_result_paths(tmp_path, monkeypatch):
+    monkeypatch.setenv("NWFLOW_RESULTS_DIR", str(tmp_path))
+    assert E.result_path("cpu") == tmp_path / "efm_cpu.json"
+    assert E.result_path("gpu") == tmp_path / "gpu" / "efm_gpu.json"
+    with pytest.raises(ValueError, match="preset"):
+        E.result_path("tpu")
+
+
 @needs_real
-def test_smoke_run_writes_every_measurement(tmp_path):
+def test_smoke_run_writes_every_measurement(tmp_path, monkeypatch):
+    monkeypatch.setenv("NWFLOW_RESULTS_DIR", str(tmp_path / "results"))
     out = E.main(["--preset", "smoke", "--device", "cpu", "--no-progress", "--root", str(REAL),
-                  "--out", str(tmp_path / "r.json"), "--checkpoint-dir", str(tmp_path / "ck")])
+                  "--checkpoint-dir", str(tmp_path / "ck")])
+    assert out == tmp_path / "results" / "efm_smoke.json"
     data = json.loads(out.read_text())
     cfg = data["config"]
-    assert data["provenance"]["device"] == "cpu" and data["provenance"]["config"] == cfg
+    assert cfg == E.preset("smoke")
+    assert data["provenance"]["device"] == "cpu" and "config" not in data["provenance"]
     al = data["alignment"]
     assert al["cifar10"]["n"] == cfg["cifar_limit"]
     assert set(al["imagenette"]) == {str(s) for s in cfg["nette_sizes"]}

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from nwflow.experiments import failure_regimes as FR
+from nwflow.settings import config_hash
 
 TINY = dict(steps=3, n_tasks=2, width=8, heads=2, layers=1, eval_tasks=2, n_generated=16, ode_steps=5,
             probe_queries=4)
@@ -23,18 +24,38 @@ def one_thread():
 
 
 def test_presets():
+    assert tuple(FR.PRESETS) == ("smoke", "cpu", "gpu")
     cpu = FR.preset("cpu")
     assert cpu["dim"] == 8 and cpu["support_size"] == 50 and cpu["sigma_min"] == 0.01
-    assert FR.preset("gpu")["steps"] > cpu["steps"] > FR.preset("fast")["steps"]
-    assert FR.preset("fast", steps=7)["steps"] == 7
+    assert FR.preset("gpu")["steps"] > cpu["steps"] > FR.preset("smoke")["steps"]
+    assert FR.preset("smoke", steps=7)["steps"] == 7
     with pytest.raises(ValueError, match="preset"):
-        FR.preset("tpu")
+        FR.preset("fast")   # the old name of "smoke" is gone, not aliased
     with pytest.raises(ValueError, match="unknown"):
-        FR.preset("fast", stepz=3)
+        FR.preset("smoke", stepz=3)
+
+
+def test_result_paths(tmp_path, monkeypatch):
+    monkeypatch.setenv("NWFLOW_RESULTS_DIR", str(tmp_path))
+    assert FR.result_path("cpu") == tmp_path / "failure_regimes_conditioner_cpu.json"
+    no_head = tmp_path / "failure_regimes_conditioner_cpu_no_exact_head.json"
+    assert FR.result_path("cpu", exact_head=False) == no_head
+    assert FR.result_path("gpu") == tmp_path / "gpu" / "failure_regimes_conditioner_gpu.json"
+
+
+def test_committed_cpu_result_still_reads():
+    """book/results/failure_regimes_conditioner_cpu.json (written before the config left the
+    provenance block) has what chapter 5 reads, at the place result_path names."""
+    path = FR.result_path("cpu")
+    data = json.loads(path.read_text())
+    assert data["config"] == FR.preset("cpu")
+    prov = data["provenance"]
+    assert len(prov["git_commit"]) == 40 and prov["device"] == "cpu" and prov["device_name"]
+    assert data["wall_seconds"] > 0 and set(data["families"]) == {"mixture", "shells"}
 
 
 def test_tiny_run_reports_every_measurement():
-    config = FR.preset("fast", **TINY)
+    config = FR.preset("smoke", **TINY)
     model, res = FR.run_experiment(config, progress=False)
     n_t = len(config["times"])
     assert len(res["loss_every_10"]) == 1
@@ -53,9 +74,22 @@ def test_tiny_run_reports_every_measurement():
 
 
 def test_main_writes_json_with_provenance(tmp_path, monkeypatch):
-    monkeypatch.setitem(FR.PRESETS, "fast", {**FR.PRESETS["fast"], **TINY})
-    out = FR.main(["--preset", "fast", "--device", "cpu", "--no-progress", "--out", str(tmp_path / "r.json")])
+    monkeypatch.setitem(FR.PRESETS, "smoke", {**FR.PRESETS["smoke"], **TINY})
+    monkeypatch.setenv("NWFLOW_RESULTS_DIR", str(tmp_path / "results"))
+    argv = ["--preset", "smoke", "--device", "cpu", "--no-progress", "--no-exact-head",
+            "--checkpoint-dir", str(tmp_path / "ck")]
+    out = FR.main(argv)
+    assert out == tmp_path / "results" / "failure_regimes_conditioner_smoke_no_exact_head.json"
     data = json.loads(out.read_text())
-    assert data["config"]["steps"] == 3 and data["config"]["exact_head"] is True
-    assert data["provenance"]["device"] == "cpu" and data["provenance"]["config"] == data["config"]
+    assert data["config"]["steps"] == 3 and data["config"]["exact_head"] is False
+    # The configuration is stored once, at the top level.
+    assert data["provenance"]["device"] == "cpu" and "config" not in data["provenance"]
     assert set(data["families"]) == {"mixture", "shells"}
+    # One checkpoint, named after the configuration's hash; a rerun resumes it: it finds the
+    # run complete, so it neither trains nor rewrites the file.
+    (ckpt,) = (tmp_path / "ck").glob("conditioner-*.pt")
+    assert ckpt.name == f"conditioner-{config_hash(data['config'])}.pt"
+    written = ckpt.stat().st_mtime_ns
+    FR.main(argv + ["--out", str(tmp_path / "again.json")])
+    assert list((tmp_path / "ck").iterdir()) == [ckpt] and ckpt.stat().st_mtime_ns == written
+    assert json.loads((tmp_path / "again.json").read_text())["loss_every_10"] == data["loss_every_10"]

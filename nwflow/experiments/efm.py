@@ -11,18 +11,23 @@ CPU version itself; this entry point runs the same measurements at the paper's i
    generated samples against the training set's leave-one-out spacing, memorisation rate;
 3. the hybrid sampler (closed form on [0, tau), the CFM network after) for the largest n.
 
-Presets: ``smoke`` (seconds on a CPU: tests) and ``gpu`` (the scaled run). Run it as
+Presets: ``smoke`` (seconds on a CPU: tests); ``cpu`` (a reduced run, not the paper's: 8 x 8
+images, n up to 1,000, five small U-Nets of 2,000 steps each, about 0.1-0.16 s a step on one
+CPU thread, so 20-30 minutes of training; the alignment on 5,000 CIFAR-10 and 1,000 Imagenette
+images); ``gpu`` (the paper's scale: all 50,000 CIFAR-10 images at 32 x 32, n up to 50,000,
+20,000 steps per model). Run it as
 
-    python -m nwflow.experiments.efm --preset gpu --device cuda --out book/results/efm_gpu.json
+    python -m nwflow.experiments.efm --preset gpu --device cuda
 
-It needs the CIFAR-10 and Imagenette copies of ``NWFLOW_DATA_DIR`` (see ``nwflow.data``).
-The JSON holds the configuration, the measurements and a provenance block (git commit,
-device, versions, wall time); the chapter displays it with :func:`plot_results` when present.
+which writes :func:`result_path` of the preset (``book/results/gpu/efm_gpu.json``) and keeps
+resumable checkpoints in ``nwflow.settings.cache_dir("efm")``. It needs the CIFAR-10 and
+Imagenette copies of ``NWFLOW_DATA_DIR`` (see ``nwflow.data``). The JSON holds the
+configuration, the measurements and a provenance block (git commit, command line, machine,
+versions, wall time); the chapter displays it with :func:`plot_results` when present.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from pathlib import Path
@@ -32,24 +37,28 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nwflow._io import write_json_atomic
 from nwflow.data import load_cifar10, load_imagenette
 from nwflow.efm import TargetSampler, alignment, field_error, hybrid_samples
 from nwflow.empirical import EmpiricalField
-from nwflow.experiments import configure
+from nwflow.experiments import _runner
 from nwflow.metrics import leave_one_out_distance, memorisation_rate, nearest_neighbour_distance
 from nwflow.models import PreconditionedVelocity, UNet
-from nwflow.provenance import provenance
 from nwflow.solvers import integrate
 from nwflow.train import train_velocity
 
-__all__ = ["PRESETS", "preset", "run_experiment", "plot_results", "main"]
+__all__ = ["PRESETS", "preset", "result_path", "run_experiment", "plot_results", "main"]
 
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(cifar_limit=400, align_pairs=16, align_times=[0.0, 0.2, 0.6], nette_sizes=[8, 16],
                   nette_limit=200, resolution=8, n_list=[10, 40], n_efm=40, efm_m=[4], steps=6, batch=8,
                   unet_base=8, unet_mults=[1, 2], n_generated=12, err_pairs=16,
                   err_times=[0.1, 0.5, 0.9], taus=[0.0, 0.5, 1.0], ode_steps=10),
+    "cpu": dict(cifar_limit=5000, align_pairs=256,
+                align_times=[0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9],
+                nette_sizes=[8, 16, 32, 64], nette_limit=1000, resolution=8, n_list=[10, 100, 1000],
+                n_efm=1000, efm_m=[16, 128], steps=2000, batch=128, unet_base=16, unet_mults=[1, 2],
+                n_generated=256, err_pairs=512, err_times=[0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 0.95],
+                taus=[0.0, 0.2, 0.4, 0.6, 0.8, 1.0], ode_steps=50),
     "gpu": dict(cifar_limit=None, align_pairs=256,
                 align_times=[0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95],
                 nette_sizes=[8, 16, 32, 64], nette_limit=None, resolution=32,
@@ -62,8 +71,13 @@ COMMON: dict[str, Any] = dict(lr=2e-4, seed=0, eval_seed=1000, precondition=True
 
 
 def preset(name: str, **overrides: Any) -> dict[str, Any]:
-    """The configuration of preset ``name`` ("smoke", "gpu") with ``overrides`` applied."""
-    return configure(PRESETS, COMMON, name, overrides)
+    """The configuration of preset ``name`` ("smoke", "cpu", "gpu") with ``overrides`` applied."""
+    return _runner.configure(PRESETS, COMMON, name, overrides)
+
+
+def result_path(name: str) -> Path:
+    """Where the results of preset ``name`` are written and read, e.g. ``book/results/gpu/efm_gpu.json``."""
+    return _runner.result_path("efm", name)
 
 
 def _frac(cos: torch.Tensor) -> list[float]:
@@ -82,8 +96,9 @@ def run_experiment(config: dict[str, Any], device: str | torch.device = "cpu", r
                    checkpoint_dir: str | os.PathLike | None = None, progress: bool = True) -> dict[str, Any]:
     """Run the measurements of ``config`` on ``device``; returns the JSON-ready results.
 
-    ``root``: the data folder (None: ``NWFLOW_DATA_DIR``). ``checkpoint_dir``: where each
-    model's training checkpoint is written atomically (and resumed from on a rerun).
+    ``root``: the data folder (None: ``NWFLOW_DATA_DIR``). ``checkpoint_dir``: the folder of
+    each model's training checkpoint, ``efm_<n>_<target>-<config hash>.pt``, written atomically
+    and resumed from on a rerun (None: ``nwflow.settings.cache_dir("efm")``).
     """
     device = torch.device(device)
     start = time.time()
@@ -115,13 +130,13 @@ def run_experiment(config: dict[str, Any], device: str | torch.device = "cpu", r
         sup = images[:n].contiguous()
         kind = "CFM" if m is None else f"EFM-{m}"
         model = _model(config, sup).to(device)
-        ckpt = None if checkpoint_dir is None else Path(checkpoint_dir) / f"efm_{n}_{kind}.pt"
+        train_config = {k: config[k] for k in ("steps", "batch", "lr", "seed", "unet_base", "unet_mults",
+                                               "resolution", "precondition")}
+        ckpt = _runner.checkpoint_file(checkpoint_dir, "efm", f"efm_{n}_{kind}", train_config)
         t0 = time.time()
         sampler = TargetSampler(sup, config["batch"], m=m)
         hist = train_velocity(model, sampler, config["steps"], lr=config["lr"], seed=config["seed"],
-                              checkpoint=ckpt, progress=progress, desc=f"{kind} n={n}",
-                              config={k: config[k] for k in ("steps", "batch", "lr", "seed", "unet_base",
-                                                             "unet_mults", "resolution", "precondition")})
+                              checkpoint=ckpt, progress=progress, desc=f"{kind} n={n}", config=train_config)
         train_s = time.time() - t0
         with torch.no_grad():
             samples = integrate(model, noise, steps=config["ode_steps"])
@@ -212,21 +227,12 @@ def plot_results(results: dict[str, Any]):
 
 def main(argv: list[str] | None = None) -> Path:
     """Command-line entry point; returns the path of the written JSON."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--preset", default="gpu", choices=sorted(PRESETS))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = _runner.parser(__doc__.split("\n", 1)[0], "efm")
     parser.add_argument("--root", default=None, help="data folder (default: NWFLOW_DATA_DIR)")
-    parser.add_argument("--out", default=None, help="JSON path (default book/results/efm_<preset>.json)")
-    parser.add_argument("--checkpoint-dir", default=None, help="folder for resumable training checkpoints")
-    parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    config = preset(args.preset)
-    out = Path(args.out or f"book/results/efm_{args.preset}.json")
-    results = run_experiment(config, device=args.device, root=args.root, checkpoint_dir=args.checkpoint_dir,
-                             progress=not args.no_progress)
-    results["provenance"] = provenance(config, device=args.device, wall_time_s=results["wall_seconds"])
-    write_json_atomic(out, results)
-    return out
+    results = run_experiment(preset(args.preset), device=args.device, root=args.root,
+                             checkpoint_dir=args.checkpoint_dir, progress=not args.no_progress)
+    return _runner.write_results(args.out or result_path(args.preset), results, args.device)
 
 
 if __name__ == "__main__":

@@ -10,19 +10,19 @@ plug-in field of each held-out task's support:
 - the Spearman correlation of each attention head's logits with the Nadaraya-Watson logits,
   and the effective number of neighbours of both, across t.
 
-Presets: ``fast`` (seconds, tests), ``cpu`` (the book's full mode: minutes on a laptop CPU),
-``gpu`` (a longer, wider run for the device machine). Run it as
+Presets: ``smoke`` (seconds, tests), ``cpu`` (the book's full mode: 1500 steps, minutes on a
+laptop CPU), ``gpu`` (20,000 steps of a wider model, for a GPU). Run it as
 
-    python -m nwflow.experiments.failure_regimes --preset gpu --device cuda \
-        --out book/results/failure_regimes_conditioner_gpu.json
+    python -m nwflow.experiments.failure_regimes --preset gpu --device cuda
 
-The JSON holds the configuration, the measurements and a provenance block (git commit,
-device, versions, wall time); the chapter displays it when present.
+which writes :func:`result_path` of the preset (``book/results/gpu/failure_regimes_conditioner_gpu.json``)
+and keeps a resumable checkpoint in ``nwflow.settings.cache_dir("failure_regimes")``. The
+JSON holds the configuration, the measurements and a provenance block (git commit, command
+line, machine, versions, wall time); the chapter displays it when present.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from dataclasses import asdict
@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from nwflow._io import write_json_atomic
 from nwflow.conditioner import (
     SupportConditionedVelocity,
     TaskConfig,
@@ -44,15 +43,17 @@ from nwflow.conditioner import (
     support_velocity,
     train_conditioner,
 )
-from nwflow.experiments import configure
+from nwflow.experiments import _runner
 from nwflow.metrics import mmd2_unbiased
-from nwflow.provenance import provenance
+from nwflow.path import sample_xt
 
-__all__ = ["PRESETS", "preset", "run_experiment", "main"]
+__all__ = ["PRESETS", "preset", "result_path", "run_experiment", "main"]
+
+STEM = "failure_regimes_conditioner"
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "fast": dict(steps=40, n_tasks=8, width=64, heads=4, layers=2, eval_tasks=4, n_generated=200,
-                 ode_steps=50, probe_queries=32),
+    "smoke": dict(steps=40, n_tasks=8, width=64, heads=4, layers=2, eval_tasks=4, n_generated=200,
+                  ode_steps=50, probe_queries=32),
     "cpu": dict(steps=1500, n_tasks=16, width=64, heads=4, layers=2, eval_tasks=20, n_generated=500,
                 ode_steps=100, probe_queries=64),
     "gpu": dict(steps=20000, n_tasks=64, width=128, heads=4, layers=3, eval_tasks=100, n_generated=500,
@@ -64,8 +65,16 @@ COMMON: dict[str, Any] = dict(dim=8, support_size=50, query_size=64, sigma_min=0
 
 
 def preset(name: str, **overrides: Any) -> dict[str, Any]:
-    """The configuration of preset ``name`` ("fast", "cpu", "gpu") with ``overrides`` applied."""
-    return configure(PRESETS, COMMON, name, overrides)
+    """The configuration of preset ``name`` ("smoke", "cpu", "gpu") with ``overrides`` applied."""
+    return _runner.configure(PRESETS, COMMON, name, overrides)
+
+
+def result_path(name: str, **overrides: Any) -> Path:
+    """Where the results of ``preset(name, **overrides)`` are written and read, e.g.
+    ``book/results/failure_regimes_conditioner_cpu.json`` (``_no_exact_head`` appended without
+    the exact head)."""
+    config = preset(name, **overrides)
+    return _runner.result_path(STEM, name, "" if config["exact_head"] else "_no_exact_head")
 
 
 def run_experiment(config: dict[str, Any], device: str | torch.device = "cpu",
@@ -128,7 +137,7 @@ def _attention_probe(model: SupportConditionedVelocity, support: torch.Tensor, x
     rho, neff_heads, neff_nw = [], [], []
     for t in times:
         x0 = torch.randn(x1.shape, generator=generator).to(x1.device)
-        xt = (1.0 - (1.0 - sigma_min) * t) * x0 + t * x1
+        xt = sample_xt(x0, x1, t, sigma_min)
         nw = support_logits(xt, t, support, sigma_min)                       # (T, N, m)
         logits = model.attention_logits(xt, t, support)                      # layers x (T, H, N, m)
         nw_np = nw[:, None].cpu().numpy()
@@ -142,23 +151,15 @@ def _attention_probe(model: SupportConditionedVelocity, support: torch.Tensor, x
 
 def main(argv: list[str] | None = None) -> Path:
     """Command-line entry point; returns the path of the written JSON."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default=None, help="JSON path (default book/results/failure_regimes_"
-                                                    "conditioner_<preset>.json)")
-    parser.add_argument("--checkpoint", default=None, help="resumable training checkpoint path")
+    parser = _runner.parser(__doc__.split("\n", 1)[0], "failure_regimes")
     parser.add_argument("--no-exact-head", action="store_true", help="train without the exact NW input")
-    parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     config = preset(args.preset, exact_head=not args.no_exact_head)
-    suffix = "" if config["exact_head"] else "_no_exact_head"
-    out = Path(args.out or f"book/results/failure_regimes_conditioner_{args.preset}{suffix}.json")
-    _, results = run_experiment(config, device=args.device, checkpoint=args.checkpoint,
+    checkpoint = _runner.checkpoint_file(args.checkpoint_dir, "failure_regimes", "conditioner", config)
+    _, results = run_experiment(config, device=args.device, checkpoint=checkpoint,
                                 progress=not args.no_progress)
-    results["provenance"] = provenance(config, device=args.device, wall_time_s=results["wall_seconds"])
-    write_json_atomic(out, results)
-    return out
+    out = args.out or result_path(args.preset, exact_head=config["exact_head"])
+    return _runner.write_results(out, results, args.device)
 
 
 if __name__ == "__main__":

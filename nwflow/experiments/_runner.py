@@ -1,0 +1,87 @@
+"""What every experiment runner shares: presets, the command line, checkpoints, the results file.
+
+An experiment module (``nwflow/experiments/<name>.py``) defines ``PRESETS`` with the keys
+:data:`PRESET_NAMES` and a ``run_experiment(config, ...)`` that returns JSON-ready results
+holding ``"config"`` and ``"wall_seconds"``; its ``main`` builds the command line with
+:func:`parser` and writes the results with :func:`write_results`.
+
+- ``smoke``: seconds on a CPU, for the tests; ``cpu``: what a laptop CPU runs in minutes;
+  ``gpu``: the scaled run for a GPU.
+- Results: :func:`result_path`, ``nwflow.settings.results_dir()/<stem>_<preset>.json``, and
+  ``results_dir()/gpu/`` for the ``gpu`` preset, so a chapter finds them one way.
+- Checkpoints: :func:`checkpoint_file`, named after a hash of the configuration (a changed
+  run never resumes a stale file), by default in ``nwflow.settings.cache_dir(<name>)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from nwflow._io import write_json_atomic
+from nwflow.provenance import provenance
+from nwflow.settings import cache_dir, config_hash, default_device, results_dir
+
+__all__ = ["PRESET_NAMES", "configure", "result_path", "checkpoint_file", "parser", "write_results"]
+
+PRESET_NAMES = ("smoke", "cpu", "gpu")
+
+
+def configure(presets: dict[str, dict[str, Any]], common: dict[str, Any], name: str,
+              overrides: dict[str, Any]) -> dict[str, Any]:
+    """The configuration ``{"preset": name, **common, **presets[name], **overrides}``.
+
+    Raises ``ValueError`` for an unknown preset ``name`` or an override key that the preset
+    does not define, so a typo never silently trains the default.
+    """
+    if name not in presets:
+        raise ValueError(f"preset must be one of {sorted(presets)}, got {name!r}")
+    config = {"preset": name, **common, **presets[name]}
+    unknown = set(overrides) - set(config)
+    if unknown:
+        raise ValueError(f"unknown configuration keys: {sorted(unknown)}")
+    config.update(overrides)
+    return config
+
+
+def result_path(stem: str, preset: str, variant: str = "") -> Path:
+    """``results_dir() / f"{stem}_{preset}{variant}.json"``, inside ``gpu/`` for the gpu preset."""
+    if preset not in PRESET_NAMES:
+        raise ValueError(f"preset must be one of {PRESET_NAMES}, got {preset!r}")
+    folder = results_dir() / "gpu" if preset == "gpu" else results_dir()
+    return folder / f"{stem}_{preset}{variant}.json"
+
+
+def checkpoint_file(folder: str | os.PathLike | None, name: str, prefix: str, config: dict[str, Any]) -> Path:
+    """``folder / f"{prefix}-{config_hash(config)}.pt"``; ``folder`` None means ``cache_dir(name)``."""
+    root = cache_dir(name) if folder is None else Path(folder)
+    return root / f"{prefix}-{config_hash(config)}.pt"
+
+
+def parser(description: str, name: str) -> argparse.ArgumentParser:
+    """The options every runner takes: ``--preset``, ``--device``, ``--out``, ``--checkpoint-dir``,
+    ``--no-progress``; an experiment (checkpoints in ``cache_dir(name)``) adds its own."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--preset", default="cpu", choices=PRESET_NAMES)
+    p.add_argument("--device", default=str(default_device()))
+    p.add_argument("--out", default=None,
+                   help=f"JSON path (default: the preset's file in {results_dir()}, gpu/ for gpu)")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="folder of the resumable training checkpoints (default: nwflow.settings.cache_dir"
+                        f"({name!r}), kept between runs unless NWFLOW_FAST is set)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def write_results(path: str | os.PathLike, results: dict[str, Any], device: str) -> Path:
+    """Add a ``provenance`` block to ``results`` and write them atomically as JSON to ``path``.
+
+    The configuration is stored once, as ``results["config"]`` (what the chapters read);
+    the provenance block records how it ran: commit, command line, machine, wall time.
+    """
+    if "config" not in results or "wall_seconds" not in results:
+        raise ValueError("results must hold 'config' and 'wall_seconds'")
+    results["provenance"] = provenance(device=device, wall_time_s=results["wall_seconds"])
+    return write_json_atomic(path, results)
