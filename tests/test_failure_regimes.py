@@ -6,21 +6,12 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from nwflow.experiments import failure_regimes as FR
 from nwflow.settings import config_hash
 
 TINY = dict(steps=3, n_tasks=2, width=8, heads=2, layers=1, eval_tasks=2, n_generated=16, ode_steps=5,
             probe_queries=4)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_presets():
