@@ -38,8 +38,10 @@ from scipy.stats import rankdata
 from torch import nn
 
 from nwflow._precision import WIDE, exact_matmul
+from nwflow._stream import softmax_mean
 from nwflow.data.toy import gaussian_mixture, spherical_shells
 from nwflow.models.mlp import TimeEmbedding
+from nwflow.path import sigma
 from nwflow.solvers import integrate
 from nwflow.train import train_velocity
 
@@ -194,7 +196,7 @@ def support_logits(x: torch.Tensor, t: float | torch.Tensor, support: torch.Tens
     """
     _check_pair(x, support)
     tt = _time(t, x)
-    s = 1.0 - (1.0 - sigma_min) * tt
+    s = sigma(tt, sigma_min)
     if float(s.min()) <= 0:
         raise ValueError("sigma_t = 0 (t = 1 with sigma_min = 0): the posterior is singular")
     x64, s64 = x.to(WIDE), support.to(WIDE)
@@ -211,6 +213,17 @@ def support_posterior(x: torch.Tensor, t: float | torch.Tensor, support: torch.T
     return torch.softmax(support_logits(x, t, support, sigma_min), dim=-1)
 
 
+def _plug_in_numerator(x: torch.Tensor, tt: torch.Tensor, support: torch.Tensor,
+                       sigma_min: float) -> torch.Tensor:
+    """sigma_t u_NW = m_NW - (1 - sigma_min) x per task, (T, N, d) in the wide dtype."""
+    logits = support_logits(x, tt, support, sigma_min)
+    values = support.to(WIDE)
+    # Each task has its own support (its own values) and softmax_mean takes one (m, d) set of
+    # values, so it is called once per task.
+    m = torch.stack([softmax_mean(logits[k], values[k]) for k in range(x.shape[0])])
+    return m - (1.0 - sigma_min) * x.to(WIDE)
+
+
 def support_velocity(x: torch.Tensor, t: float | torch.Tensor, support: torch.Tensor,
                      sigma_min: float = 0.0) -> torch.Tensor:
     r"""The exact (plug-in) field of each task's support, u = (m_NW - (1 - sigma_min) x) / sigma_t.
@@ -219,10 +232,7 @@ def support_velocity(x: torch.Tensor, t: float | torch.Tensor, support: torch.Te
     ``support`` (T, m, d), ``t`` a number, (T,) or (T, N). Returns (T, N, d) in x's dtype.
     """
     tt = _time(t, x)
-    w = support_posterior(x, tt, support, sigma_min)
-    mean = torch.bmm(w, support.to(WIDE))
-    s = 1.0 - (1.0 - sigma_min) * tt
-    return ((mean - (1.0 - sigma_min) * x.to(WIDE)) / s[..., None]).to(x.dtype)
+    return (_plug_in_numerator(x, tt, support, sigma_min) / sigma(tt, sigma_min)[..., None]).to(x.dtype)
 
 
 # -- the learned field ---------------------------------------------------------------------
@@ -324,8 +334,7 @@ class SupportConditionedVelocity(nn.Module):
         feats = self.norm(h)
         if self.exact_head:
             with torch.no_grad():  # the head has no parameters; its input x needs no gradient
-                w = support_posterior(x, tt, support, self.sigma_min)
-                e = (torch.bmm(w, support.to(WIDE)) - (1.0 - self.sigma_min) * x.to(WIDE)).to(x.dtype)
+                e = _plug_in_numerator(x, tt, support, self.sigma_min).to(x.dtype)
             feats = torch.cat([feats, e], dim=-1)
         return self.head(feats), all_logits
 
