@@ -69,3 +69,19 @@ def test_ci_entry_point_runs_make_test():
     assert run.is_file() and os.access(run, os.X_OK)
     lines = [line.strip() for line in run.read_text().splitlines() if not line.lstrip().startswith("#")]
     assert any(re.fullmatch(r"(exec\s+)?make\s+test", line) for line in lines), lines
+
+
+# Distributions whose import name is not their name, lower-cased with "-" as "_".
+_IMPORT_NAMES = {"pillow": "PIL", "pot": "ot"}
+
+
+def test_every_runtime_dependency_is_imported_by_the_library():
+    """A declared dependency that nwflow/ never imports is dead weight for every install."""
+    sources = "\n".join(p.read_text() for p in (ROOT / "nwflow").rglob("*.py"))
+    unused = []
+    for spec in _pyproject()["project"]["dependencies"]:
+        name = re.match(r"[A-Za-z0-9_.-]+", spec).group(0).lower()
+        module = _IMPORT_NAMES.get(name, name.replace("-", "_"))
+        if not re.search(rf"^\s*(import|from)\s+{re.escape(module)}\b", sources, flags=re.M):
+            unused.append(spec)
+    assert not unused, f"declared in pyproject.toml but never imported in nwflow/: {unused}"
