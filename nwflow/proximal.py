@@ -47,6 +47,7 @@ import torch
 
 from nwflow._checks import check_float_tensor, check_time
 from nwflow._precision import WIDE
+from nwflow._stream import softmax_mean
 
 __all__ = [
     "SemiDiscreteDual",
@@ -186,7 +187,7 @@ def brenier_map(x0: torch.Tensor, support: torch.Tensor, g: torch.Tensor, eps: f
     a = _scores(x0, X.to(WIDE), _weights_g(g, X))
     if eps == 0:
         return X[a.argmax(dim=1)].to(x0.dtype)
-    return (torch.softmax(a / eps, dim=1) @ X.to(WIDE)).to(x0.dtype)
+    return softmax_mean(a / eps, X.to(WIDE)).to(x0.dtype)
 
 
 # -- semi-discrete OT: the dual weights ---------------------------------------------------
@@ -364,6 +365,8 @@ def _newton_dual(w: torch.Tensor, c: torch.Tensor, X: torch.Tensor, g: torch.Ten
         active = torch.ones(B, dtype=torch.bool, device=w.device)
         for _ in range(max_iter):
             ua, wa, ca, ea = u[active], w[active], c[active], eps[active]
+            # The weights pi themselves enter the Hessian (Cov_pi), so they are formed here
+            # rather than only their mean through softmax_mean.
             pi = torch.softmax((ua @ X.T - g) / ea[:, None], dim=1)
             y = pi @ X
             grad = y + ca[:, None] * (ua - wa)
@@ -596,8 +599,7 @@ def proximal_target(x: torch.Tensor, t: float | torch.Tensor, support: torch.Ten
     out = torch.empty_like(xf)
     start = tt == 0
     if bool(start.any()):
-        a = _scores(xf[start], Xf, gv)
-        out[start] = Xf[a.argmax(dim=1)] if eps == 0 else torch.softmax(a / eps, dim=1) @ Xf
+        out[start] = brenier_map(xf[start], Xf, gv, eps)
     rest = ~start
     if bool(rest.any()):
         tr = tt[rest]
