@@ -191,6 +191,8 @@ def test_brenier_potential_map_and_smoothing():
         w = np.exp((a - a.max(1, keepdims=True)) / eps)
         w /= w.sum(1, keepdims=True)
         np.testing.assert_allclose(brenier_map(x0, X, g, eps=eps).numpy(), w @ X.numpy(), atol=1e-12)
+        # at t = 0 the trajectory's end point is the (smoothed) Brenier map of x itself
+        np.testing.assert_allclose(proximal_target(x0, 0.0, X, g, eps=eps).numpy(), w @ X.numpy(), atol=1e-12)
     # eps -> 0 recovers the hard map away from cell boundaries
     margin = np.sort(a, axis=1)[:, -1] - np.sort(a, axis=1)[:, -2]
     keep = margin > 0.05
