@@ -35,6 +35,7 @@ from torch import nn
 
 from nwflow._checks import check_query, check_sigma_min, check_support, check_time
 from nwflow._precision import WIDE, compute_dtype, exact_matmul
+from nwflow.path import sigma
 
 __all__ = ["GaussianKernelAttention"]
 
@@ -94,7 +95,7 @@ class GaussianKernelAttention(nn.Module):
         return x.reshape(x.shape[0], self.keys.shape[1] - 1).to(self.keys.dtype), tt
 
     def _query(self, xf: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
-        s2 = (1.0 - (1.0 - self.sigma_min) * tt).square()
+        s2 = sigma(tt, self.sigma_min).square()
         scale = (tt / s2).to(xf.dtype)[:, None]
         last = (-tt.square() / (2.0 * s2)).to(xf.dtype)[:, None]
         return torch.cat([xf * scale, last], dim=1)
@@ -116,6 +117,8 @@ class GaussianKernelAttention(nn.Module):
 
     def _mean_and_weights(self, xf: torch.Tensor, tt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self._query(xf, tt) @ self.keys.T
+        # Not nwflow._stream.softmax_mean: that one works in place, which autograd cannot
+        # record, and the head also returns the weights themselves.
         # Softmax with the normalisation after the product: exp(l - max) V / sum exp(l - max)
         # rounds once per output instead of once per weight. The shift is a constant of
         # the row (softmax ignores it), so it is detached; the ops stay out of place when
@@ -145,7 +148,7 @@ class GaussianKernelAttention(nn.Module):
         xf, tt = self._inputs(x, t)
         with exact_matmul():
             m, w = self._mean_and_weights(xf, tt)
-            inv_sigma = (1.0 / (1.0 - (1.0 - self.sigma_min) * tt)).to(xf.dtype)[:, None]
+            inv_sigma = (1.0 / sigma(tt, self.sigma_min)).to(xf.dtype)[:, None]
             u = (m - (1.0 - self.sigma_min) * xf) * inv_sigma
         u = u.reshape(x.shape).to(self.input_dtype)
         return (u, w.to(self.input_dtype)) if return_weights else u
