@@ -1,5 +1,6 @@
 """Repository wiring: the conda environment follows pyproject.toml; the entry points exist."""
 
+import ast
 import os
 import re
 import sys
@@ -85,3 +86,67 @@ def test_every_runtime_dependency_is_imported_by_the_library():
         if not re.search(rf"^\s*(import|from)\s+{re.escape(module)}\b", sources, flags=re.M):
             unused.append(spec)
     assert not unused, f"declared in pyproject.toml but never imported in nwflow/: {unused}"
+
+
+def _nwflow_imports(path: Path, module: str, modules: set[str]) -> set[str]:
+    """Which of ``modules`` the module ``module`` (at ``path``) imports, lazy imports included.
+
+    ``from a import b`` imports the module ``a.b`` when there is one, else the module ``a``."""
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            for a in node.names:
+                found.add(f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+    return (found & modules) - {module}
+
+
+def test_import_graph_has_at_most_five_layers_and_no_cycle():
+    """CONTRIBUTING.md's layers: floors, path/_stream, empirical, paper modules, experiments.
+
+    The package's own ``__init__`` (the re-exports) is left out: no module may import it.
+    """
+    files = {}
+    for p in (ROOT / "nwflow").rglob("*.py"):
+        parts = p.relative_to(ROOT).with_suffix("").parts
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
+    graph = {m: _nwflow_imports(p, m, set(files)) for m, p in files.items()}
+    importers = sorted(m for m, deps in graph.items() if "nwflow" in deps)
+    assert not importers, f"these modules import the nwflow package itself: {importers}"
+    del graph["nwflow"]
+    depth: dict[str, int] = {}
+
+    def layer(m: str, chain: tuple[str, ...]) -> int:
+        assert m not in chain, f"import cycle: {' -> '.join(chain + (m,))}"
+        if m not in depth:
+            depth[m] = 1 + max((layer(d, chain + (m,)) for d in graph[m]), default=0)
+        return depth[m]
+
+    for m in graph:
+        layer(m, ())
+    top = max(depth.values())
+    assert top <= 5, f"{top} layers: {sorted(m for m, d in depth.items() if d == top)}"
+
+
+_PATH_SUFFIXES = (".py", ".ipynb", ".md", ".json", ".yml", ".yaml", ".toml", ".txt", ".cfg")
+
+
+def test_every_path_in_contributing_exists():
+    """A file or folder written in backticks in CONTRIBUTING.md (outside code blocks) exists;
+    placeholders (``<name>``, ``*``, ``~``) and code with spaces or calls are not paths."""
+    text = re.sub(r"^```.*?^```", "", (ROOT / "CONTRIBUTING.md").read_text(), flags=re.M | re.S)
+    paths = [s for s in re.findall(r"`([^`\s]+)`", text)
+             if ("/" in s or s.endswith(_PATH_SUFFIXES)) and not set(s) & set("<>*~()=")]
+    assert len(paths) > 40, paths       # the chapter map alone names more
+    missing = sorted({p for p in paths if not (ROOT / p).exists()})
+    assert not missing, f"CONTRIBUTING.md names paths that do not exist: {missing}"
+
+
+def test_readme_links_contributing():
+    assert re.search(r"\]\(CONTRIBUTING\.md\)", (ROOT / "README.md").read_text())
