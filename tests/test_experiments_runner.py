@@ -6,7 +6,7 @@ import pytest
 
 from nwflow.experiments import _runner as R
 from nwflow.experiments import efm, failure_regimes
-from nwflow.settings import config_hash
+from nwflow.settings import checkpoint_path, config_hash
 
 PRESETS = {"smoke": {"steps": 1}, "cpu": {"steps": 10}, "gpu": {"steps": 100}}
 
@@ -38,6 +38,7 @@ def test_results_and_checkpoints_are_found_one_way(tmp_path, monkeypatch):
     config = {"steps": 3}
     name = f"m-{config_hash(config)}.pt"
     assert R.checkpoint_file(None, "exp", "m", config) == tmp_path / "cache" / "exp" / name
+    assert R.checkpoint_file(None, "exp", "m", config) == checkpoint_path("exp", "m", config)
     assert R.checkpoint_file(tmp_path / "ck", "exp", "m", config) == tmp_path / "ck" / name
     assert R.checkpoint_file(None, "exp", "m", {"steps": 4}).name != name   # never stale
 
