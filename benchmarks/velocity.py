@@ -47,7 +47,7 @@ import nwflow
 from nwflow._io import write_json_atomic
 from nwflow._precision import exact_matmul
 from nwflow.empirical import EmpiricalField
-from nwflow.provenance import provenance
+from nwflow.provenance import cpu_model, provenance
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CONFIGS = [(20000, 3072, 64), (50000, 3072, 16), (50000, 3072, 64), (50000, 3072, 256),
@@ -209,16 +209,6 @@ def bench_config(n: int, D: int, B: int, t: float, device: torch.device, repeats
     return result
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
-
-
 def parse_config(text: str) -> tuple[int, int, int]:
     parts = text.split(",")
     if len(parts) != 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
@@ -277,7 +267,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             {"configs": [list(c) for c in configs], "times": args.times, "repeats": repeats,
              "warmup": args.warmup, "quick": args.quick, "memory": not args.no_memory},
             device=device, wall_time_s=time.perf_counter() - started),
-        "cpu_model": cpu_name(),
+        "cpu_model": cpu_model(),
         "threads": args.threads,
         "methods": METHODS,
         "ratio_definitions": {k: f"median {a} / median {b}" for k, (a, b) in RATIOS.items()},

@@ -94,6 +94,11 @@ def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def checkpoint_path(name: str, prefix: str, config: dict[str, Any]) -> Path:
-    """``cache_dir(name) / f"{prefix}-{config_hash(config)}.pt"``: resumable, never stale."""
-    return cache_dir(name) / f"{prefix}-{config_hash(config)}.pt"
+def checkpoint_path(name: str, prefix: str, config: dict[str, Any],
+                    folder: str | os.PathLike | None = None) -> Path:
+    """``cache_dir(name) / f"{prefix}-{config_hash(config)}.pt"``: resumable, never stale.
+
+    ``folder`` (e.g. a runner's ``--checkpoint-dir``) replaces ``cache_dir(name)``.
+    """
+    root = cache_dir(name) if folder is None else Path(folder)
+    return root / f"{prefix}-{config_hash(config)}.pt"

@@ -22,7 +22,7 @@ from typing import Any
 
 from nwflow._io import write_json_atomic
 from nwflow.provenance import provenance
-from nwflow.settings import checkpoint_path, config_hash, default_device, results_dir
+from nwflow.settings import checkpoint_path, default_device, results_dir
 
 __all__ = ["PRESET_NAMES", "configure", "result_path", "checkpoint_file", "parser", "write_results"]
 
@@ -57,9 +57,7 @@ def result_path(stem: str, preset: str, variant: str = "") -> Path:
 def checkpoint_file(folder: str | os.PathLike | None, name: str, prefix: str, config: dict[str, Any]) -> Path:
     """:func:`nwflow.settings.checkpoint_path` (in ``cache_dir(name)``, what a chapter resumes too),
     or the same file name inside ``folder`` when one is given."""
-    if folder is None:
-        return checkpoint_path(name, prefix, config)
-    return Path(folder) / f"{prefix}-{config_hash(config)}.pt"
+    return checkpoint_path(name, prefix, config, folder)
 
 
 def parser(description: str, name: str) -> argparse.ArgumentParser:
