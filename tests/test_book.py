@@ -2,6 +2,10 @@
 
 - every file named in _toc.yml exists; notebooks in the toc are committed without outputs
   and import nwflow; chapter notebooks end with at least 3 exercises, each with a solution;
+- chapter hygiene: all imports in the first code cell (imports first, then set-up), no
+  warning filters, nwflow modules under their own names (no single-letter or ad-hoc
+  aliases, no ``nwflow.module.name`` chains), solvers given a field built once
+  (``field.velocity``), not ``lambda x, t: nwflow.velocity(x, t, support)``;
 - every {cite} key exists in book/references.bib, which has no duplicate keys;
 - the references page holds a bibliography; the API reference documents every public
   nwflow module;
@@ -10,6 +14,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import re
@@ -101,6 +106,65 @@ def test_notebook_committed_without_outputs(path):
 def test_notebook_imports_nwflow(path):
     code = "\n".join(_source(c) for c in _cells(path) if c["cell_type"] == "code")
     assert re.search(r"^\s*(import nwflow|from nwflow[\w.]* import)", code, re.M), "no `import nwflow`"
+
+
+def _code_cells(path: Path) -> list[tuple[int, str]]:
+    return [(i, _source(c)) for i, c in enumerate(_cells(path)) if c["cell_type"] == "code"]
+
+
+def _imports(source: str) -> list[ast.Import | ast.ImportFrom]:
+    """Every import statement of a code cell, nested ones (inside if, def, try) included."""
+    return [node for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Import | ast.ImportFrom)]
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=_ids(CHAPTERS))
+def test_chapter_imports_live_in_its_first_code_cell(path):
+    (first, head), *rest = _code_cells(path)
+    assert _imports(head), f"the first code cell (cell {first}) holds no imports"
+    late = {i: [ast.unparse(n) for n in _imports(src)] for i, src in rest if _imports(src)}
+    assert not late, f"imports outside the first code cell (move them there): {late}"
+    body = ast.parse(head).body
+    kinds = [isinstance(node, ast.Import | ast.ImportFrom) for node in body]
+    assert kinds == sorted(kinds, reverse=True), "the first code cell imports first, then sets up"
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=_ids(CHAPTERS))
+def test_chapter_filters_no_warnings(path):
+    found = [i for i, src in _code_cells(path) if re.search(r"\b(filterwarnings|simplefilter)\(", src)]
+    assert not found, f"warning filters in cells {found}: fix the cause (nwflow._progress prevents tqdm's)"
+
+
+AD_HOC_ALIASES = {"S", "C", "FR", "dv", "nwot", "prox", "rf"}
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=_ids(CHAPTERS))
+def test_chapter_names_modules_by_their_names(path):
+    bad = []
+    for i, src in _code_cells(path):
+        for node in _imports(src):
+            module = node.module if isinstance(node, ast.ImportFrom) else None
+            for alias in node.names:
+                if alias.asname is None:
+                    continue
+                first_party = (module or alias.name).split(".")[0] == "nwflow"
+                if first_party or len(alias.asname) == 1 or alias.asname in AD_HOC_ALIASES:
+                    bad.append(f"cell {i}: {ast.unparse(node)}")
+        # nwflow.settings.pick(...) beside `from nwflow.settings import ...`: one way per module
+        bad += [f"cell {i}: {ast.unparse(node)}" for node in ast.walk(ast.parse(src))
+                if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
+                and isinstance(node.value.value, ast.Name) and node.value.value.id == "nwflow"]
+    assert not bad, f"import nwflow modules as `from nwflow import <module>` (or names from them): {bad}"
+
+
+REBUILT_FIELD = re.compile(r"lambda\s+\w+\s*,\s*\w+\s*:\s*nwflow\.(velocity|posterior_mean|score)\(")
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=_ids(CHAPTERS))
+def test_chapter_builds_a_field_once_for_the_solvers(path):
+    text = "\n".join(_source(c) for c in _cells(path))
+    found = REBUILT_FIELD.findall(text)
+    assert not found, ("a lambda around nwflow.velocity rebuilds the field at every step: "
+                       "field = nwflow.EmpiricalField(support); integrate(field.velocity, x0, ...)")
 
 
 @pytest.mark.parametrize("path", CHAPTERS, ids=_ids(CHAPTERS))
