@@ -57,15 +57,44 @@ def default_device() -> torch.device:
 
 
 def results_dir() -> Path:
-    """Where committed results live: ``NWFLOW_RESULTS_DIR``, else the checkout's ``book/results``."""
+    """Where committed results live: ``NWFLOW_RESULTS_DIR``, else the checkout's ``book/results``,
+    else the copy of ``book/results`` installed with the package (``nwflow/_results``).
+
+    The packaged copy is what a chapter downloaded from the website (Colab, a laptop) reads
+    when nwflow is installed from the repository rather than run from a checkout.
+    """
     value = os.environ.get("NWFLOW_RESULTS_DIR", "").strip()
-    return Path(value).expanduser() if value else Path(__file__).resolve().parents[1] / "book" / "results"
+    if value:
+        return Path(value).expanduser()
+    package = Path(__file__).resolve().parent
+    checkout = package.parent / "book" / "results"
+    # pyproject.toml installs book/results as the package data folder nwflow/_results.
+    return checkout if checkout.is_dir() else package / "_results"
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
 
 
 def _scratch() -> Path:
-    # One temporary folder per process, removed at exit (fast mode's checkpoints).
+    """One temporary folder per process for fast mode's checkpoints, ``nwflow-scratch-<pid>-*``.
+
+    Removed at exit; but a kernel killed outright (nbval and nbclient do that) never runs its
+    exit handlers, so each new folder also removes the ones whose process no longer runs.
+    """
     if not _SCRATCH:
-        path = Path(tempfile.mkdtemp(prefix="nwflow-"))
+        root = Path(tempfile.gettempdir())
+        for old in root.glob("nwflow-scratch-*-*"):
+            pid = old.name.split("-")[2]
+            if pid.isdigit() and not _running(int(pid)):
+                shutil.rmtree(old, ignore_errors=True)
+        path = Path(tempfile.mkdtemp(prefix=f"nwflow-scratch-{os.getpid()}-", dir=root))
         atexit.register(shutil.rmtree, path, ignore_errors=True)
         _SCRATCH.append(path)
     return _SCRATCH[0]

@@ -1,6 +1,7 @@
 """nwflow.settings: the environment switches and where runs keep their files."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -86,3 +87,19 @@ def test_fast_mode_caches_live_in_one_temporary_folder_removed_at_exit(tmp_path)
     assert a.parent == b.parent.parent and a.name == "x" and b.parent.name == "y"
     assert not a.parent.is_relative_to(tmp_path)      # not under the full-mode cache root
     assert not a.parent.exists()                      # removed when the process exited
+
+
+def test_a_killed_process_leaves_no_scratch_folder_behind(tmp_path):
+    """A process killed outright (as nbval kills kernels) skips its exit handlers; the next fast-mode
+    process removes the folders of processes that no longer run, and keeps those of live ones."""
+    env = {**os.environ, "NWFLOW_FAST": "1", "TMPDIR": str(tmp_path)}
+    code = ("import os, signal; from nwflow import settings; print(settings.cache_dir('ch'), flush=True); "
+            "os.kill(os.getpid(), signal.SIGKILL)")
+    killed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    left = Path(killed.stdout.strip()).parent
+    assert killed.returncode != 0 and left.is_dir()          # the exit handler did not run
+    alive = tmp_path / f"nwflow-scratch-{os.getpid()}-keep"  # this test's own process is alive
+    alive.mkdir()
+    code = "from nwflow import settings; print(settings.cache_dir('ch'))"
+    subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert not left.exists() and alive.is_dir()
