@@ -71,42 +71,51 @@ def online_softmax(blocks: Iterable[Block], squares: bool = False, top_k: int = 
         A \leftarrow A\, e^{M_{\rm old} - M} + \sum_{j \in \text{block}} e^{l_j - M} a_j
 
     for every accumulator A (the normaliser, the value, factor, square and scalar sums), then
-    each is divided by the normaliser. Shapes: each block's logits (B, c), values (c, D),
-    factor (B, c), scalars (c,); at least one block. With ``squares`` it also returns
-    sum_j w_j^2 (n_eff = 1 / that); with ``top_k`` > 0 each row's ``top_k`` largest logits.
-    Chapter 3.
+    each is divided by the normaliser. Shapes: each block's logits (*T, B, c), values
+    (*T, c, D) (leading dimensions *T broadcast as in ``matmul``), factor (*T, B, c), scalars
+    (c,); at least one block. With ``squares`` it also returns sum_j w_j^2 (n_eff = 1 / that);
+    with ``top_k`` > 0 each row's ``top_k`` largest logits. Differentiable in the logits and
+    values when no factor is given. Chapter 3.
     """
     run_max = total = num = fsum = sq = sc = top_v = top_i = None
     for block in blocks:
         p = block.logits
         if top_k:
-            v, i = torch.topk(p, min(top_k, p.shape[1]), dim=1)
+            v, i = torch.topk(p, min(top_k, p.shape[-1]), dim=-1)
             i += block.start
             if top_v is not None:
-                v, j = torch.topk(torch.cat([top_v, v], 1), min(top_k, top_v.shape[1] + v.shape[1]), dim=1)
-                i = torch.cat([top_i, i], 1).gather(1, j)
+                merged = torch.cat([top_v, v], -1)
+                v, j = torch.topk(merged, min(top_k, merged.shape[-1]), dim=-1)
+                i = torch.cat([top_i, i], -1).gather(-1, j)
             top_v, top_i = v, i
-        block_max = p.amax(dim=1)
+        # The maximum is only a shift the softmax does not see: taken without autograd, so the
+        # in-place pass below stays differentiable in the logits.
+        block_max = p.detach().amax(dim=-1)
         new_max = block_max if run_max is None else torch.maximum(run_max, block_max)
         # exp(M_old - M_new) rescales what was summed so far.
         scale = None if run_max is None else torch.exp(run_max - new_max)
-        p.sub_(new_max[:, None]).exp_()                         # e^{l_j - M}
-        total = _rescaled(total, scale, p.sum(dim=1))
+        p.sub_(new_max[..., None]).exp_()                       # e^{l_j - M}
+        total = _rescaled(total, scale, p.sum(dim=-1))
         if squares:
-            sq = _rescaled(sq, None if scale is None else scale.square(), p.square().sum(dim=1))
+            sq = _rescaled(sq, None if scale is None else scale.square(), p.square().sum(dim=-1))
         if block.scalars is not None:
             sc = _rescaled(sc, scale, p @ block.scalars)
         if block.values is not None:
             pw = p if block.factor is None else p.mul_(block.factor)
             if block.factor is not None:
-                fsum = _rescaled(fsum, scale, pw.sum(dim=1))
-            num = pw @ block.values if num is None else num.mul_(scale[:, None]).addmm_(pw, block.values)
+                fsum = _rescaled(fsum, scale, pw.sum(dim=-1))
+            if num is None:
+                num = pw @ block.values
+            elif num.dim() == 2:  # the engine's case: one fused multiply-add
+                num.mul_(scale[:, None]).addmm_(pw, block.values)
+            else:
+                num.mul_(scale[..., None]).add_(pw @ block.values)
         run_max = new_max
     if run_max is None:
         raise ValueError("blocks is empty: the softmax needs at least one key")
     return Accumulated(
         row_max=run_max,
-        mean=None if num is None else num.div_(total[:, None]),
+        mean=None if num is None else num.div_(total[..., None]),
         factor_mean=None if fsum is None else fsum.div_(total),
         square=None if sq is None else sq.div_(total.square()),
         scalar=None if sc is None else sc.div_(total),
@@ -117,15 +126,17 @@ def online_softmax(blocks: Iterable[Block], squares: bool = False, top_k: int = 
 def softmax_mean(logits: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     r"""The kernel mean of one dense block: softmax over the last axis, times the values.
 
-    .. math:: m_b = \sum_j \operatorname{softmax}_j(l_{bj})\, v_j
+    .. math:: m_{b} = \sum_j \operatorname{softmax}_j(l_{bj})\, v_j
 
-    Shapes: ``logits`` (B, n), ``values`` (n, D); returns (B, D) in the logits' dtype (the
-    logits are not modified). For small problems whose logits the caller has formed; the
-    exact engine (:class:`nwflow.EmpiricalField`) streams large ones. Chapter 3.
+    Shapes: ``logits`` (*T, B, n), ``values`` (*T, n, D) (e.g. one support set per task T);
+    returns (*T, B, D) in the logits' dtype. The logits are not modified, and autograd
+    differentiates through it (the attention head relies on that). For problems whose logits
+    the caller has formed; the exact engine (:class:`nwflow.EmpiricalField`) streams large
+    ones. Chapter 3.
     """
-    if logits.dim() != 2 or values.dim() != 2 or logits.shape[1] != values.shape[0]:
-        raise ValueError(f"logits (B, n) and values (n, D) must agree on n, got {tuple(logits.shape)} "
-                         f"and {tuple(values.shape)}")
-    if logits.shape[1] == 0:
+    if logits.dim() < 2 or values.dim() < 2 or logits.shape[-1] != values.shape[-2]:
+        raise ValueError("logits (*T, B, n) and values (*T, n, D) must agree on n, got "
+                         f"{tuple(logits.shape)} and {tuple(values.shape)}")
+    if logits.shape[-1] == 0:
         raise ValueError("logits has no keys (n = 0): the softmax needs at least one")
     return online_softmax([Block(logits.clone(), values.to(logits.dtype))]).mean

@@ -62,3 +62,15 @@ def test_softmax_mean_leaves_its_input_and_checks_shapes():
         softmax_mean(torch.empty(2, 0), torch.empty(0, 3))
     with pytest.raises(ValueError, match="blocks is empty"):
         online_softmax([])
+
+
+def test_softmax_mean_takes_one_value_set_per_task_and_is_differentiable():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, 3, 9, generator=g, dtype=F64, requires_grad=True)   # 4 tasks, 3 queries, 9 keys
+    values = torch.randn(4, 9, 2, generator=g, dtype=F64, requires_grad=True)
+    ref = torch.softmax(logits, -1) @ values
+    torch.testing.assert_close(softmax_mean(logits, values), ref, rtol=1e-14, atol=1e-14)
+    assert torch.autograd.gradcheck(softmax_mean, (logits, values))
+    # A shared value set broadcasts over the tasks.
+    torch.testing.assert_close(softmax_mean(logits, values[0]), torch.softmax(logits, -1) @ values[0],
+                               rtol=1e-14, atol=1e-14)
