@@ -40,7 +40,13 @@ from dataclasses import dataclass
 import torch
 
 from nwflow import _accuracy, path
-from nwflow._checks import check_query, check_sigma_min, check_support_layout
+from nwflow._checks import (
+    check_optional_positive_int,
+    check_positive_int,
+    check_query,
+    check_sigma_min,
+    check_support_layout,
+)
 from nwflow._precision import DEFAULT_CHUNK_BYTES, WIDE, WIDE_BYTES, chunk_rows, compute_dtype, exact_matmul
 from nwflow._stream import Accumulated, Block, online_softmax
 
@@ -106,11 +112,8 @@ class EmpiricalField:
     def __init__(self, support: torch.Tensor, sigma_min: float = 0.0, chunk_size: int | None = None,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
         check_support_layout(support)
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                       or chunk_size < 1):
-            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-        if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
-            raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
+        chunk_size = check_optional_positive_int(chunk_size, "chunk_size")
+        chunk_bytes = check_positive_int(chunk_bytes, "chunk_bytes")
         self.sigma_min = check_sigma_min(sigma_min)
         self.sample_shape = tuple(support.shape[1:])
         self.input_dtype = support.dtype

@@ -423,6 +423,8 @@ def test_cuda_agrees_with_cpu():
 def test_bad_input_names_the_argument():
     X = torch.randn(10, 3)
     x = torch.randn(4, 3)
+    dtype_msg = r"^x must have the support's dtype \(torch.float32\), got torch.float64"
+    range_msg = r"^sigma_min must be a real number in \[0, 1\), got"
     cases = [
         (ValueError, "^t must lie in", lambda: nwflow.velocity(x, 1.5, X)),
         (ValueError, "^t must lie in", lambda: nwflow.velocity(x, -0.01, X)),
@@ -444,17 +446,19 @@ def test_bad_input_names_the_argument():
         (ValueError, "^support must have shape", lambda: nwflow.velocity(x, 0.5, torch.zeros(3))),
         (ValueError, "^x must have shape", lambda: nwflow.velocity(torch.randn(4, 2), 0.5, X)),
         (ValueError, "^x must have shape", lambda: nwflow.velocity(torch.randn(4, 3, 1), 0.5, X)),
-        (TypeError, "^x has dtype", lambda: nwflow.velocity(x.double(), 0.5, X)),
-        (ValueError, "^x is on meta", lambda: nwflow.velocity(x.to("meta"), 0.5, X)),
-        (ValueError, "^t is on meta", lambda: nwflow.velocity(x, torch.rand(4, device="meta"), X)),
+        (TypeError, dtype_msg, lambda: nwflow.velocity(x.double(), 0.5, X)),
+        (ValueError, r"^x must be on the support's device \(cpu\), got meta",
+         lambda: nwflow.velocity(x.to("meta"), 0.5, X)),
+        (ValueError, r"^t must be on the device of x \(cpu\), got meta",
+         lambda: nwflow.velocity(x, torch.rand(4, device="meta"), X)),
         (TypeError, "^x must be a floating-point",
          lambda: nwflow.velocity(torch.ones(4, 3, dtype=torch.int64), 0.5, X)),
         (TypeError, "^x must be a torch.Tensor", lambda: nwflow.velocity(np.zeros((4, 3)), 0.5, X)),
         (TypeError, "^support must be a floating-point",
          lambda: nwflow.velocity(x, 0.5, torch.ones(10, 3, dtype=torch.int32))),
         (TypeError, "^support must be a torch.Tensor", lambda: nwflow.velocity(x, 0.5, [[0.0, 1.0, 2.0]])),
-        (ValueError, "^sigma_min must lie in", lambda: nwflow.velocity(x, 0.5, X, sigma_min=-0.1)),
-        (ValueError, "^sigma_min must lie in", lambda: nwflow.velocity(x, 0.5, X, sigma_min=1.0)),
+        (ValueError, range_msg, lambda: nwflow.velocity(x, 0.5, X, sigma_min=-0.1)),
+        (ValueError, range_msg, lambda: nwflow.velocity(x, 0.5, X, sigma_min=1.0)),
         (TypeError, "^sigma_min must be a real number", lambda: nwflow.velocity(x, 0.5, X, sigma_min="0")),
         (ValueError, "^chunk_size must be a positive int", lambda: nwflow.velocity(x, 0.5, X, chunk_size=0)),
         (ValueError, "^chunk_bytes must be a positive int", lambda: EmpiricalField(X, chunk_bytes=0)),
@@ -467,7 +471,7 @@ def test_bad_input_names_the_argument():
     for f in (nwflow.posterior_weights, nwflow.posterior_mean, nwflow.score, nwflow.effective_neighbours):
         with pytest.raises(ValueError, match="^t = 1 with sigma_min = 0"):
             f(x, 1.0, X)
-        with pytest.raises(TypeError, match="^x has dtype"):
+        with pytest.raises(TypeError, match=dtype_msg):
             f(x.double(), 0.5, X)
     # t = 1 is fine once sigma_min > 0.
     assert torch.isfinite(nwflow.velocity(x, 1.0, X, sigma_min=0.01)).all()
