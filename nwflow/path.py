@@ -68,6 +68,8 @@ def time_per_row(
 ) -> torch.Tensor:
     r"""``t`` as a per-row (B,) tensor for a batch ``like`` of shape (B, *S).
 
+    .. math:: t_b = t \quad (b = 1, \dots, B) \ \text{for one number } t, \qquad 0 \le t_b \le 1
+
     ``t`` is a number, a 0-d tensor or a (B,) tensor with values in [0, 1]; with
     ``sigma_min == 0`` the singular value t = 1 is refused. The result has ``like``'s
     device and ``dtype`` (default: ``like``'s dtype). Chapter 1.
@@ -77,7 +79,13 @@ def time_per_row(
 
 
 def expand_like(tt: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    r"""A per-row (B,) tensor reshaped to (B, 1, ..., 1) so it broadcasts against x (B, *S)."""
+    r"""A per-row (B,) tensor reshaped to (B, 1, ..., 1) so it broadcasts against x (B, *S).
+
+    .. math:: (t\, x)_{b, i} = t_b\, x_{b, i} \quad \text{for every entry } i \text{ of row } b
+
+    as in x_t = sigma_t x0 + t x1 with per-row times. Shapes: ``tt`` (B,), ``x`` (B, *S);
+    returns a view of ``tt`` with x's number of dimensions. Chapter 1.
+    """
     return tt.reshape((-1,) + (1,) * (x.dim() - 1))
 
 
