@@ -32,7 +32,7 @@ import torch
 from nwflow._precision import WIDE
 
 __all__ = ["CANDIDATES", "FALLBACK_TOL", "OBSERVED", "OBSERVED_SAFETY", "logit_error_bound",
-           "tracks_candidates", "covered", "relative_error"]
+           "tracks_candidates", "covered", "refine", "observed_error", "relative_error"]
 
 # Candidates per row kept for the exact refinement.
 CANDIDATES = 64
@@ -80,6 +80,43 @@ def covered(error: torch.Tensor, top: torch.Tensor, n: int, eps: float) -> tuple
     inside = (top.to(WIDE) >= (top[:, 0].to(WIDE) - margin)[:, None]).sum(dim=1)
     # With all n points among the candidates every row is covered.
     return ((inside < top.shape[1]) | (top.shape[1] == n)) & tracks_candidates(error, eps), inside
+
+
+def refine(x: torch.Tensor, t: torch.Tensor, candidates: torch.Tensor, sigma_t: torch.Tensor
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""Exact weights over each row's candidates, with explicit differences (no cancellation).
+
+    .. math:: w_k = \operatorname{softmax}_k\Big(-\frac{\|x - t x^{(k)}\|^2}{2\sigma_t^2}\Big), \quad
+        m = \sum_k w_k x^{(k)}, \quad n_{\rm eff} = 1 / \textstyle\sum_k w_k^2
+
+    Shapes: ``x`` (r, D), ``t`` and ``sigma_t`` (r,), ``candidates`` (r, k, D), all float64;
+    returns the mean (r, D), n_eff (r,) and the weights (r, k). Chapter 3.
+    """
+    d2 = (x[:, None, :] - t[:, None, None] * candidates).square_().sum(dim=2)
+    w = torch.softmax(-d2 / (2.0 * sigma_t.square()[:, None]), dim=1)
+    return torch.bmm(w[:, None, :], candidates)[:, 0], 1.0 / w.square().sum(dim=1), w
+
+
+def observed_error(logits: torch.Tensor, x: torch.Tensor, t: torch.Tensor, candidates: torch.Tensor,
+                   center: torch.Tensor, sigma_t: torch.Tensor) -> torch.Tensor:
+    r"""Largest rounding error of streamed logits against the same logits in float64, (r,).
+
+    The streamed logits are l_k = (t <y, x^(k)> - t^2 ||x^(k) - c||^2 / 2) / sigma_t^2 with
+    y = x - t c, that is, written with explicit differences,
+
+    .. math::
+
+        l_k = \frac{\|y\|^2 - \|y - t (x^{(k)} - c)\|^2}{2 \sigma_t^2}
+            + \frac{t \langle y, c\rangle}{\sigma_t^2}.
+
+    Shapes: ``logits`` (r, k) as streamed, ``x`` (r, D), ``t`` and ``sigma_t`` (r,),
+    ``candidates`` (r, k, D), ``center`` (D,), float64. Chapter 3.
+    """
+    y = x - t[:, None] * center
+    z2 = (y[:, None, :] - t[:, None, None] * (candidates - center)).square_().sum(dim=2)
+    shift = y.square().sum(dim=1) + 2.0 * t * (y @ center)
+    exact = (shift[:, None] - z2) / (2.0 * sigma_t.square()[:, None])
+    return (logits.to(WIDE) - exact).abs().amax(dim=1)
 
 
 def relative_error(error: torch.Tensor, eps: float, m: torch.Tensor, x: torch.Tensor, spread: torch.Tensor,

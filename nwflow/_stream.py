@@ -49,6 +49,7 @@ class Accumulated:
     """What one pass returns per row: the normalised sums of :func:`online_softmax`."""
 
     row_max: torch.Tensor                   # (B,) largest logit M
+    total: torch.Tensor                     # (B,) normaliser Z = sum_j e^{l_j - M}
     mean: torch.Tensor | None = None        # (B, D) sum_j w_j f_j v_j
     factor_mean: torch.Tensor | None = None  # (B,) sum_j w_j f_j (with a factor)
     square: torch.Tensor | None = None      # (B,) sum_j w_j^2
@@ -114,7 +115,7 @@ def online_softmax(blocks: Iterable[Block], squares: bool = False, top_k: int = 
     if run_max is None:
         raise ValueError("blocks is empty: the softmax needs at least one key")
     return Accumulated(
-        row_max=run_max,
+        row_max=run_max, total=total,
         mean=None if num is None else num.div_(total[..., None]),
         factor_mean=None if fsum is None else fsum.div_(total),
         square=None if sq is None else sq.div_(total.square()),

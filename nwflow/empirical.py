@@ -1,6 +1,4 @@
-r"""The closed-form (empirical) flow-matching field of a finite support set.
-
-Book: Part I, chapter 2 (derivation) and chapter 3 (kernel smoothing = attention).
+r"""The closed-form (empirical) flow-matching field of a finite support set (chapters 2 and 3).
 
 For a support {x^(1..n)} and the Gaussian path x_t = sigma_t x0 + t x1 the posterior over
 which support point generated x = x_t, and everything the field returns, are
@@ -11,8 +9,7 @@ which support point generated x = x_t, and everything the field returns, are
     \qquad m(x, t) = \sum_j w_j x^{(j)},
 
     u = \frac{m - (1 - \sigma_{\min}) x}{\sigma_t}, \qquad
-    s = \nabla_x \log p_t = \frac{t m - x}{\sigma_t^2}, \qquad
-    n_{\rm eff} = \frac{1}{\sum_j w_j^2}.
+    s = \nabla_x \log p_t = \frac{t m - x}{\sigma_t^2}, \qquad n_{\rm eff} = \frac{1}{\sum_j w_j^2}.
 
 Velocity, mean and score are one affine output y = (a m - b x) / c of the posterior mean.
 How it is computed (what the tests check):
@@ -85,10 +82,9 @@ class _ExactOutput(torch.autograd.Function):
     @staticmethod
     def backward(ctx, y_bar):
         xf, m, tt, alpha, beta = ctx.saved_tensors
-        field = ctx.field
         g = y_bar.to(WIDE)
-        cov_g = field._covariance_product(xf, tt, m, g * alpha[:, None])
-        x_bar = (tt / field._sigma(tt).square())[:, None] * cov_g - beta[:, None] * g
+        cov_g = ctx.field._covariance_product(xf, tt, m, g * alpha[:, None])
+        x_bar = (tt / ctx.field._sigma(tt).square())[:, None] * cov_g - beta[:, None] * g
         return x_bar.to(xf.dtype), None, None, None, None, None, None
 
 
@@ -138,22 +134,35 @@ class EmpiricalField:
             raise ValueError(f"support values are too large for {self.dtype}: their squared norms overflow")
         self._center_wide = self.center.to(WIDE)
 
+    def _centre(self) -> torch.Tensor:
+        """A centre c (D,): the mean of at most 1024 support points spread evenly through the set
+        (a strided view: no pass over the support). Any c leaves the weights unchanged."""
+        return self.support[::max(1, -(-len(self.support) // 1024))].mean(dim=0)
+
     def _centre_and_norms(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """A centre c (D,): the mean of at most 1024 support points spread evenly through the
-        set (a strided view, no pass over the support); and ||x^(j) - c||^2 (n,), differences
-        taken explicitly, block by block in a small (cache-sized on the CPU) work-space."""
-        X, n, D = self.support, self.support.shape[0], self.support.shape[1]
-        center = X[::max(1, -(-n // 1024))].mean(dim=0)
-        rows = chunk_rows(WIDE_BYTES if self.device.type != "cpu" else _CACHE_BYTES, D * X.element_size())
-        norms = torch.empty(n, dtype=self.dtype, device=self.device)
-        for s in range(0, n, rows):
+        """c and ||x^(j) - c||^2 (n,), differences taken explicitly block by block in a small
+        (cache-sized on the CPU) work-space."""
+        X, center = self.support, self._centre()
+        budget = WIDE_BYTES if self.device.type != "cpu" else _CACHE_BYTES
+        rows = chunk_rows(budget, X.shape[1] * X.element_size())
+        norms = torch.empty(len(X), dtype=self.dtype, device=self.device)
+        for s in range(0, len(X), rows):
             norms[s:s + rows] = torch.linalg.vector_norm(X[s:s + rows] - center, dim=1).square_()
         return center, norms
 
     @property
     def n(self) -> int:
-        """Number of support points."""
-        return self.support.shape[0]
+        """Number of support points (the whole support's: a sharded field's spans its ranks)."""
+        return len(self.support)
+
+    # -- what a sharded field (nwflow.distributed) does across ranks; nothing in one process --
+    def _combine(self, acc: Accumulated) -> Accumulated:
+        """The pass over the whole support from this process's pass over its part."""
+        return acc
+
+    def _gather(self, index: torch.Tensor) -> torch.Tensor:
+        """Support points of the (r, k) indices, (r, k, D) float64."""
+        return self.support[index.reshape(-1)].reshape(*index.shape, -1).to(WIDE)
 
     def __repr__(self) -> str:
         return (f"EmpiricalField(n={self.n}, shape={self.sample_shape}, sigma_min={self.sigma_min}, "
@@ -171,7 +180,8 @@ class EmpiricalField:
     def _chunk(self, batch: int) -> int:
         if self.chunk_size is not None:
             return self.chunk_size
-        return min(self.n, chunk_rows(self.chunk_bytes, max(batch, 1) * self.support.element_size()))
+        row_bytes = max(batch, 1) * self.support.element_size()
+        return min(len(self.support), chunk_rows(self.chunk_bytes, row_bytes))
 
     def _scaled_query(self, xf: torch.Tensor, tt: torch.Tensor, dtype: torch.dtype
                       ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,7 +204,7 @@ class EmpiricalField:
     def _blocks(self, q: torch.Tensor, a: torch.Tensor, values: bool, spread: bool) -> Iterator[Block]:
         """The support in chunks, in the compute dtype, with its cached key norms."""
         chunk = self._chunk(q.shape[0])
-        for start in range(0, self.n, chunk):
+        for start in range(0, len(self.support), chunk):
             X, norms = self.support[start:start + chunk], self.key_norms[start:start + chunk]
             yield Block(self._logits(q, a, X, norms), X if values else None,
                         scalars=norms if spread else None, start=start)
@@ -204,7 +214,7 @@ class EmpiricalField:
         """The support widened to float64 block by block; with ``g`` the factor <x^(j), g> - <m, g>."""
         step = min(chunk_rows(WIDE_BYTES, 8 * self.support.shape[1]),
                    chunk_rows(self.chunk_bytes, 8 * q.shape[0]))
-        for start in range(0, self.n, step):
+        for start in range(0, len(self.support), step):
             Xw = self.support[start:start + step].to(WIDE)
             norms = torch.linalg.vector_norm(Xw - self._center_wide, dim=1).square_()
             factor = None if g is None else (g @ Xw.T).sub_(mg[:, None])
@@ -213,42 +223,27 @@ class EmpiricalField:
     # -- the accuracy policy: which rows are recomputed, and how ----------------------------
     def _from_candidates(self, xf: torch.Tensor, tt: torch.Tensor, rows: torch.Tensor,
                          index: torch.Tensor) -> _Exact:
-        """Exact weights and mean of ``rows`` from their candidates alone, in float64, with
-        explicit differences ||x - t x^(j)||^2 (no cancellation)."""
+        """Exact float64 weights and mean of ``rows`` from their candidates alone, in blocks."""
         k, D = index.shape[1], self.support.shape[1]
         block = chunk_rows(WIDE_BYTES, k * D * 8)
-        weights, means = [], []
-        for s in range(0, rows.numel(), block):
-            r, idx = rows[s:s + block], index[s:s + block]
-            Xc = self.support[idx.reshape(-1)].reshape(r.numel(), k, D).to(WIDE)
-            t = tt[r]
-            d2 = (xf[r].to(WIDE)[:, None, :] - t[:, None, None] * Xc).square_().sum(dim=2)
-            w = torch.softmax(-d2 / (2.0 * self._sigma(t).square()[:, None]), dim=1)
-            weights.append(w)
-            means.append(torch.bmm(w[:, None, :], Xc)[:, 0])
-        w = torch.cat(weights)
-        return _Exact(rows, torch.cat(means), 1.0 / w.square().sum(dim=1), index, w)
+        parts = [_accuracy.refine(xf[r].to(WIDE), tt[r], self._gather(index[s:s + block]), self._sigma(tt[r]))
+                 for s in range(0, rows.numel(), block) for r in [rows[s:s + block]]]
+        mean, neff, w = (torch.cat(p) for p in zip(*parts, strict=True))
+        return _Exact(rows, mean, neff, index, w)
 
     def _wide_pass(self, xf: torch.Tensor, tt: torch.Tensor, rows: torch.Tensor) -> _Exact:
         """The whole streamed computation for ``rows`` in float64 (weights spread too widely
         for the compute dtype to meet the tolerance)."""
         q, a = self._scaled_query(xf[rows], tt[rows], WIDE)
-        acc = online_softmax(self._wide_blocks(q, a), squares=True)
+        acc = self._combine(online_softmax(self._wide_blocks(q, a), squares=True))
         return _Exact(rows, acc.mean, 1.0 / acc.square)
 
     def _observed_error(self, xf: torch.Tensor, tt: torch.Tensor, rows: torch.Tensor,
                         acc: Accumulated) -> torch.Tensor:
-        """Largest rounding error of the streamed logits of ``rows`` on their top candidates
-        (r,): against the same logits in float64, written with explicit differences as
-        (||y||^2 - ||y - t (x^(j) - c)||^2) / (2 sigma_t^2) + t <y, c> / sigma_t^2, y = x - t c."""
-        idx = acc.top_index[rows, :_accuracy.OBSERVED]
-        Xc = self.support[idx.reshape(-1)].reshape(*idx.shape, -1).to(WIDE) - self._center_wide
-        t = tt[rows]
-        y = xf[rows].to(WIDE) - t[:, None] * self._center_wide
-        z2 = (y[:, None, :] - t[:, None, None] * Xc).square_().sum(dim=2)
-        exact = ((y.square().sum(dim=1) + 2.0 * t * (y @ self._center_wide))[:, None] - z2) \
-            / (2.0 * self._sigma(t).square()[:, None])
-        return (acc.top_logits[rows, :_accuracy.OBSERVED].to(WIDE) - exact).abs().amax(dim=1)
+        """Largest rounding error of the streamed logits of ``rows`` on their top candidates (r,)."""
+        top = acc.top_index[rows, :_accuracy.OBSERVED]
+        return _accuracy.observed_error(acc.top_logits[rows, :top.shape[1]], xf[rows].to(WIDE), tt[rows],
+                                        self._gather(top), self._center_wide, self._sigma(tt[rows]))
 
     def _solve(self, xf: torch.Tensor, tt: torch.Tensor, a: torch.Tensor | None = None,
                b: torch.Tensor | None = None) -> tuple[Accumulated, list[_Exact]]:
@@ -261,8 +256,8 @@ class EmpiricalField:
         # runs on every fp32 result (its cost: one matrix-vector product).
         track = bool(_accuracy.tracks_candidates(error, self._eps).any())
         check = self.dtype != WIDE and (not neff or track)
-        acc = online_softmax(self._blocks(q, a_q, values=not neff, spread=check and not neff),
-                             squares=neff, top_k=_accuracy.CANDIDATES if track else 0)
+        acc = self._combine(online_softmax(self._blocks(q, a_q, values=not neff, spread=check and not neff),
+                                           squares=neff, top_k=_accuracy.CANDIDATES if track else 0))
         exact, covered = [], torch.zeros_like(error, dtype=torch.bool)
         if track:
             covered, inside = _accuracy.covered(error, acc.top_logits, self.n, self._eps)
@@ -297,7 +292,7 @@ class EmpiricalField:
         mean changes it only at second order in their difference."""
         mw = m.to(WIDE)
         q, a = self._scaled_query(xf, tt, WIDE)
-        acc = online_softmax(self._wide_blocks(q, a, g=g, mg=(mw * g).sum(dim=1)))
+        acc = self._combine(online_softmax(self._wide_blocks(q, a, g=g, mg=(mw * g).sum(dim=1))))
         return acc.mean - acc.factor_mean[:, None] * mw
 
     def _differentiable(self, x: torch.Tensor, t: float | torch.Tensor) -> bool:
