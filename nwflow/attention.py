@@ -4,28 +4,34 @@ Book: Part I, chapter 3 (kernel smoothing = attention).
 
 Expanding the posterior logit of support point j,
 
-    -||x - t x^(j)||^2 / (2 sigma_t^2)
-        = <t x / sigma_t^2, x^(j)> - (t^2 / (2 sigma_t^2)) ||x^(j)||^2 - ||x||^2 / (2 sigma_t^2),
+.. math::
+
+    -\frac{\|x - t x^{(j)}\|^2}{2\sigma_t^2}
+    = \Big\langle \frac{t x}{\sigma_t^2}, x^{(j)} \Big\rangle
+    - \frac{t^2}{2\sigma_t^2} \|x^{(j)}\|^2 - \frac{\|x\|^2}{2\sigma_t^2},
 
 the last term does not depend on j, and a softmax over j is unchanged when the same
 number is added to every logit: it cancels. What is left is a dot product
-<q(x, t), k_j> of
+<q(x, t), k_j> of the query (D + 1 numbers, depends on x and t), the key (D + 1 numbers,
+fixed: cached) and the value
 
-    query  q(x, t) = [ t x / sigma_t^2 ,  -t^2 / (2 sigma_t^2) ]    (D + 1 numbers, depends on x and t)
-    key    k_j     = [ x^(j)           ,  ||x^(j)||^2          ]    (D + 1 numbers, fixed: cached)
-    value  v_j     = x^(j)
+.. math::
+
+    q(x, t) = \Big[\frac{t x}{\sigma_t^2},\ -\frac{t^2}{2\sigma_t^2}\Big], \qquad
+    k_j = \big[x^{(j)},\ \|x^{(j)}\|^2\big], \qquad v_j = x^{(j)},
 
 so softmax(q K^T) V with scale 1 is the posterior mean m(x, t) and
 u = (m - (1 - sigma_min) x) / sigma_t the velocity: one attention head whose keys and
 values are the training set, and whose only t-dependence sits in the query.
 
 This module computes the whole (B, n) attention matrix at once (it is the picture the
-book draws) with a plain softmax. For large n, or for the last digits in fp32, use
-:class:`nwflow.EmpiricalField`: it streams the same computation over chunks of the
-support and recomputes, in float64, the rows whose matrix-product logits (of size
-~ 1 / sigma_t^2) carry too much rounding. In fp32 the two agree to about 1e-6 where the
-logits are modest (t <= 0.5 on unit-scale data); nearer t = 1 this head's error grows
-like eps |logits|. In fp64 they agree to 1e-12.
+book draws) and its kernel mean with the library's dense softmax-mean
+(:func:`nwflow._stream.softmax_mean`, which autograd differentiates in x, t and the keys).
+For large n, or for the last digits in fp32, use :class:`nwflow.EmpiricalField`: it
+streams the same computation over chunks of the support and recomputes, in float64, the
+rows whose matrix-product logits (of size ~ 1 / sigma_t^2) carry too much rounding. In
+fp32 the two agree to about 1e-6 where the logits are modest (t <= 0.5 on unit-scale
+data); nearer t = 1 this head's error grows like eps |logits|. In fp64 they agree to 1e-12.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from torch import nn
 
 from nwflow._checks import check_query, check_sigma_min, check_support, check_time
 from nwflow._precision import WIDE, compute_dtype, exact_matmul
+from nwflow._stream import softmax_mean
 from nwflow.path import sigma
 
 __all__ = ["GaussianKernelAttention"]
@@ -42,6 +49,9 @@ __all__ = ["GaussianKernelAttention"]
 
 class GaussianKernelAttention(nn.Module):
     r"""One attention head that is exactly the empirical flow-matching field.
+
+    .. math:: u(x, t) = \frac{\operatorname{softmax}(q(x, t) K^\top)\, V - (1 - \sigma_{\min})\, x}
+        {\sigma_t}
 
     ``GaussianKernelAttention(support, sigma_min=0.0)``
 
@@ -100,55 +110,66 @@ class GaussianKernelAttention(nn.Module):
         last = (-tt.square() / (2.0 * s2)).to(xf.dtype)[:, None]
         return torch.cat([xf * scale, last], dim=1)
 
+    def _logits(self, xf: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
+        return self._query(xf, tt) @ self.keys.T
+
     def query(self, x: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
-        """The query q(x, t) = [t x / sigma_t^2, -t^2 / (2 sigma_t^2)]; (B, D + 1)."""
+        r"""The query, (B, D + 1) for ``x`` (B, *S); ``t`` a number, 0-d or (B,). Chapter 3.
+
+        .. math:: q(x, t) = \Big[\frac{t x}{\sigma_t^2},\ -\frac{t^2}{2\sigma_t^2}\Big]
+        """
         xf, tt = self._inputs(x, t)
         return self._query(xf, tt)
 
     def attention_logits(self, x: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
-        """Logits <q(x, t), k_j>, (B, n): the posterior logits up to a per-row constant."""
+        r"""The logits, (B, n) for ``x`` (B, *S): the posterior logits up to a per-row constant.
+
+        .. math:: \langle q(x, t), k_j \rangle = -\frac{\|x - t x^{(j)}\|^2}{2\sigma_t^2}
+            + \frac{\|x\|^2}{2\sigma_t^2}
+
+        Chapter 3.
+        """
         xf, tt = self._inputs(x, t)
         with exact_matmul():
-            return self._query(xf, tt) @ self.keys.T
+            return self._logits(xf, tt)
 
     def posterior_weights(self, x: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
-        """Attention weights softmax_j <q, k_j> = posterior weights w_j(x, t); (B, n), rows sum to 1."""
+        r"""The attention weights = posterior weights, (B, n), rows summing to 1.
+
+        .. math:: w_j(x, t) = \operatorname{softmax}_j \langle q(x, t), k_j \rangle
+
+        Shapes: ``x`` (B, *S), ``t`` a number, 0-d or (B,). Chapter 3.
+        """
         return torch.softmax(self.attention_logits(x, t), dim=1).to(self.input_dtype)
 
-    def _mean_and_weights(self, xf: torch.Tensor, tt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self._query(xf, tt) @ self.keys.T
-        # Not nwflow._stream.softmax_mean: that one works in place, which autograd cannot
-        # record, and the head also returns the weights themselves.
-        # Softmax with the normalisation after the product: exp(l - max) V / sum exp(l - max)
-        # rounds once per output instead of once per weight. The shift is a constant of
-        # the row (softmax ignores it), so it is detached; the ops stay out of place when
-        # autograd records them, so the head can be differentiated in x, t and the keys.
-        shift = logits.detach().amax(dim=1, keepdim=True)
-        if torch.is_grad_enabled() and logits.requires_grad:
-            p = (logits - shift).exp()
-        else:
-            p = logits.sub_(shift).exp_()
-        total = p.sum(dim=1, keepdim=True)
-        return (p @ self.values) / total, p / total
-
     def posterior_mean(self, x: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
-        """Attention output softmax(q K^T) V = m(x, t) = E[x1 | x_t = x]; shape of x."""
+        r"""The attention output = posterior mean, shape of ``x`` (B, *S). Chapter 3.
+
+        .. math:: m(x, t) = \operatorname{softmax}(q K^\top)\, V = \sum_j w_j(x, t)\, x^{(j)}
+            = E[x_1 \mid x_t = x]
+        """
         xf, tt = self._inputs(x, t)
         with exact_matmul():
-            m, _ = self._mean_and_weights(xf, tt)
+            m = softmax_mean(self._logits(xf, tt), self.values)
         return m.reshape(x.shape).to(self.input_dtype)
 
     def forward(
         self, x: torch.Tensor, t: float | torch.Tensor, return_weights: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Velocity u(x, t) = (softmax(q K^T) V - (1 - sigma_min) x) / sigma_t; shape of x.
+        r"""The velocity, shape of ``x`` (B, *S); ``t`` a number, 0-d or (B,). Chapter 3.
+
+        .. math:: u(x, t) = \frac{\operatorname{softmax}(q K^\top)\, V - (1 - \sigma_{\min})\, x}
+            {\sigma_t}
 
         With ``return_weights=True`` also the attention weights (B, n).
         """
         xf, tt = self._inputs(x, t)
         with exact_matmul():
-            m, w = self._mean_and_weights(xf, tt)
+            logits = self._logits(xf, tt)
+            m = softmax_mean(logits, self.values)
             inv_sigma = (1.0 / sigma(tt, self.sigma_min)).to(xf.dtype)[:, None]
             u = (m - (1.0 - self.sigma_min) * xf) * inv_sigma
         u = u.reshape(x.shape).to(self.input_dtype)
-        return (u, w.to(self.input_dtype)) if return_weights else u
+        if not return_weights:
+            return u
+        return u, torch.softmax(logits, dim=1).to(self.input_dtype)
