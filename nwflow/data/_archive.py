@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from nwflow._checks import check_instance
 from nwflow._progress import progress_bar
 from nwflow.settings import data_dir
 
@@ -42,31 +43,8 @@ def default_root() -> Path:
 def resolve_root(root: str | os.PathLike | None) -> Path:
     if root is None:
         return default_root()
-    if not isinstance(root, str | os.PathLike):
-        raise TypeError(f"root must be a path or None, got {type(root).__name__}")
+    check_instance(root, "root", (str, os.PathLike), "a path or None")
     return Path(root).expanduser()
-
-
-def check_split(split: object, allowed: Sequence[str]) -> str:
-    if split not in allowed:
-        raise ValueError(f"split must be one of {', '.join(map(repr, allowed))}, got {split!r}")
-    return split
-
-
-def check_limit(limit: object) -> int | None:
-    if limit is None:
-        return None
-    if isinstance(limit, bool) or not isinstance(limit, int):
-        raise TypeError(f"limit must be an int or None, got {type(limit).__name__}")
-    if limit < 1:
-        raise ValueError(f"limit must be positive, got {limit}")
-    return limit
-
-
-def check_dtype(dtype: object) -> torch.dtype:
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
-    return dtype
 
 
 def to_signed_float(images: np.ndarray, labels: np.ndarray, dtype: torch.dtype

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nwflow._checks import check_choice, check_float_dtype, check_optional_positive_int
 from nwflow.data import _archive as A
 
 __all__ = ["CIFAR10_CLASSES", "CIFAR10_URL", "CIFAR10_MD5", "load_cifar10"]
@@ -143,11 +144,10 @@ def load_cifar10(
     - ``progress``: tqdm bars while downloading or decoding.
     """
     root = A.resolve_root(root)
-    split = A.check_split(split, ("train", "test"))
-    limit = A.check_limit(limit)
-    dtype = A.check_dtype(dtype)
-    if source not in _SOURCES:
-        raise ValueError(f"source must be one of {_SOURCES}, got {source!r}")
+    split = check_choice(split, "split", ("train", "test"))
+    limit = check_optional_positive_int(limit, "limit")
+    dtype = check_float_dtype(dtype)
+    check_choice(source, "source", _SOURCES)
     kind, path = _find(root, source, download, cache_dir, progress)
     if kind == "batches":
         images, labels = _read_batches(path, split)

@@ -35,6 +35,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nwflow._checks import (
+    check_float_tensor,
+    check_int,
+    check_nonnegative_int,
+    check_points,
+    check_positive_int,
+)
+
 __all__ = [
     "DINOV2_VITS14_URL",
     "IMAGENET_MEAN",
@@ -144,13 +152,10 @@ class DinoVisionTransformer(nn.Module):
         super().__init__()
         for name, value in (("img_size", img_size), ("patch_size", patch_size), ("embed_dim", embed_dim),
                             ("depth", depth), ("num_heads", num_heads), ("in_chans", in_chans)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_positive_int(value, name)
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} must be a multiple of patch_size {patch_size}")
-        if isinstance(num_register_tokens, bool) or not isinstance(num_register_tokens, int) \
-                or num_register_tokens < 0:
-            raise ValueError(f"num_register_tokens must be a non-negative int, got {num_register_tokens!r}")
+        check_nonnegative_int(num_register_tokens, "num_register_tokens")
         self.patch_size = patch_size
         self.embed_dim = embed_dim
         self.num_register_tokens = num_register_tokens
@@ -266,8 +271,7 @@ def load_dinov2(weights: str | os.PathLike | None = "hub", device: torch.device 
     Weights load with ``strict=True``: a missing or unexpected key raises. Returns the model
     on ``device`` with ``pretrained`` and ``weights_source`` set.
     """
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    check_int(seed, "seed")
     hub = isinstance(weights, str) and weights == "hub"
     if weights is not None and not hub:
         if not isinstance(weights, (str, os.PathLike)):
@@ -303,11 +307,10 @@ def preprocess(images: torch.Tensor, size: int = 224, value_range: tuple[float, 
     then normalised channel-wise, (x - mean) / std with the ImageNet statistics
     :data:`IMAGENET_MEAN`, :data:`IMAGENET_STD`. Returns (B, 3, size, size) float32.
     """
-    if not isinstance(images, torch.Tensor) or not torch.is_floating_point(images):
-        raise TypeError("images must be a floating-point torch.Tensor")
+    check_float_tensor(images, "images")
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
-    if isinstance(size, bool) or not isinstance(size, int) or size < patch_size or size % patch_size:
+    if check_int(size, "size") < patch_size or size % patch_size:
         raise ValueError(f"size must be a positive multiple of {patch_size}, got {size!r}")
     lo, hi = (float(v) for v in value_range)
     if not hi > lo:
@@ -330,8 +333,7 @@ def extract_features(images: torch.Tensor, model: nn.Module, batch_size: int = 6
     a multiple of 14; ImageNet normalisation) and passed through the network in eval mode
     without gradients. The result is on the CPU.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    check_positive_int(batch_size, "batch_size")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -369,11 +371,8 @@ def fit_pca(features: torch.Tensor, k: int, whiten: bool = False) -> PCA:
 
     Singular values s give the covariance eigenvalues s^2 / (N - 1). Needs 1 <= k <= min(N - 1, D).
     """
-    if not isinstance(features, torch.Tensor) or not torch.is_floating_point(features) or features.dim() != 2:
-        raise TypeError("features must be a floating-point (N, D) torch.Tensor")
-    N, D = features.shape
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= min(N - 1, D):
-        raise ValueError(f"k must be an int in [1, min(N - 1, D)] = [1, {min(N - 1, D)}], got {k!r}")
+    N, D = check_points(features, "features", min_rows=2).shape
+    check_int(k, "k", 1, min(N - 1, D))  # N centred points span at most N - 1 directions
     x = features.double()
     mean = x.mean(dim=0)
     _, s, vh = torch.linalg.svd(x - mean, full_matrices=False)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from nwflow._checks import check_choice, check_float_dtype, check_int, check_optional_positive_int
 from nwflow.data import _archive as A
 
 __all__ = ["IMAGENETTE_WNIDS", "IMAGENETTE_NAMES", "IMAGENETTE_URL", "IMAGENETTE_MD5", "load_imagenette"]
@@ -91,13 +92,10 @@ def load_imagenette(
     Class names: ``IMAGENETTE_WNIDS[label]`` and ``IMAGENETTE_NAMES[label]``.
     """
     root = A.resolve_root(root)
-    split = A.check_split(split, ("train", "val"))
-    limit = A.check_limit(limit)
-    dtype = A.check_dtype(dtype)
-    if isinstance(size, bool) or not isinstance(size, int):
-        raise TypeError(f"size must be an int, got {type(size).__name__}")
-    if not 1 <= size <= 1024:
-        raise ValueError(f"size must lie in [1, 1024], got {size}")
+    split = check_choice(split, "split", ("train", "val"))
+    limit = check_optional_positive_int(limit, "limit")
+    dtype = check_float_dtype(dtype)
+    size = check_int(size, "size", 1, 1024)
     source = _find(root, download, cache_dir, progress)
     # The 64 px copy is square, so a divisor size is the block mean of the (cached) 64 px
     # images: the same numbers as decoding again at that size, without decoding again.

@@ -11,11 +11,23 @@ so an fp32 and an fp64 call with the same seed give the same points up to roundi
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from nwflow._checks import (
+    check_choice,
+    check_float_dtype,
+    check_instance,
+    check_int,
+    check_nonnegative_int,
+    check_nonnegative_real,
+    check_points,
+    check_positive_int,
+    check_positive_real,
+    check_real,
+)
 
 __all__ = [
     "GaussianMixture",
@@ -33,42 +45,13 @@ def _rng(generator: torch.Generator | None, seed: int | None) -> torch.Generator
     if generator is not None and seed is not None:
         raise ValueError("pass either generator or seed, not both")
     if generator is not None:
-        if not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        check_instance(generator, "generator", torch.Generator, "a torch.Generator")
         if generator.device.type != "cpu":
             raise ValueError(f"generator must be a CPU generator, got one on {generator.device}")
         return generator
     if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-        if seed < 0:
-            raise ValueError(f"seed must be non-negative, got {seed}")
-        return torch.Generator().manual_seed(int(seed))
+        return torch.Generator().manual_seed(check_nonnegative_int(seed, "seed"))
     return None
-
-
-def _positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be positive, got {value}")
-    return int(value)
-
-
-def _real(value: object, name: str, minimum: float = 0.0, strict: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    bad = (value <= minimum) if strict else (value < minimum)
-    if not math.isfinite(value) or bad:
-        raise ValueError(f"{name} must be finite and {'>' if strict else '>='} {minimum}, got {value}")
-    return value
-
-
-def _float_dtype(dtype: torch.dtype) -> torch.dtype:
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
-    return dtype
 
 
 def _as_float64(value: object, name: str) -> torch.Tensor:
@@ -102,13 +85,13 @@ def random_rotation(d: int, generator: torch.Generator | None = None, seed: int 
     Haar orthogonal matrix (Mezzadri 2007); flipping one column when det = -1 makes it a
     rotation.
     """
-    d = _positive_int(d, "d")
+    d = check_positive_int(d, "d")
     g = _rng(generator, seed)
     q, r = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
     q = q * torch.sign(torch.diagonal(r))
     if torch.linalg.det(q) < 0:
         q[:, 0] = -q[:, 0]
-    return q.to(_float_dtype(dtype))
+    return q.to(check_float_dtype(dtype))
 
 
 # -- Gaussian mixtures ------------------------------------------------------------------
@@ -160,8 +143,8 @@ class GaussianMixture:
 
         With ``return_labels`` also the components (n,) int64.
         """
-        n = _positive_int(n, "n")
-        dtype = _float_dtype(dtype)
+        n = check_positive_int(n, "n")
+        dtype = check_float_dtype(dtype)
         g = _rng(generator, seed)
         labels = torch.multinomial(self.weights, n, replacement=True, generator=g)
         z = torch.randn(n, self.d, generator=g, dtype=torch.float64)
@@ -172,10 +155,7 @@ class GaussianMixture:
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """log p(x) for x of shape (B, d), computed in float64; returns (B,) float64."""
-        if not isinstance(x, torch.Tensor) or not torch.is_floating_point(x):
-            raise TypeError("x must be a floating-point torch.Tensor")
-        if x.dim() != 2 or x.shape[1] != self.d:
-            raise ValueError(f"x must have shape (B, {self.d}), got {tuple(x.shape)}")
+        x = check_points(x, "x", dim=self.d, min_rows=0)
         comp = torch.distributions.MultivariateNormal(self.means, covariance_matrix=self.covariances)
         per_comp = comp.log_prob(x.to(torch.float64)[:, None, :])          # (B, k)
         return torch.logsumexp(per_comp + self.weights.log(), dim=1)
@@ -250,11 +230,11 @@ def gaussian_mixture(
     when ``return_labels``, plus the :class:`GaussianMixture` when ``return_mixture``
     (use ``mixture.sample(m, seed=...)`` for held-out points). Book: Part I.
     """
-    n = _positive_int(n, "n")
-    d = _positive_int(d, "d")
+    n = check_positive_int(n, "n")
+    d = check_positive_int(d, "d")
     g = _rng(generator, seed)
-    radius = _real(radius, "radius")
-    anisotropy = _real(anisotropy, "anisotropy", minimum=1.0)
+    radius = check_nonnegative_real(radius, "radius")
+    anisotropy = check_real(anisotropy, "anisotropy", low=1.0)
     if means is not None:
         mu = _as_float64(means, "means")
         if mu.dim() != 2 or mu.shape[1] != d:
@@ -263,8 +243,8 @@ def gaussian_mixture(
         if k < 1:
             raise ValueError("means must hold at least one component")
     else:
-        k = _positive_int(k, "k")
-        if layout == "circle":
+        k = check_positive_int(k, "k")
+        if check_choice(layout, "layout", ("circle", "random")) == "circle":
             if d < 2:
                 raise ValueError("layout='circle' needs d >= 2; use layout='random' for d = 1")
             angle = 2.0 * math.pi * torch.arange(k, dtype=torch.float64) / k
@@ -273,8 +253,6 @@ def gaussian_mixture(
         elif layout == "random":
             mu = torch.randn(k, d, generator=g, dtype=torch.float64)
             mu = radius * mu / torch.linalg.vector_norm(mu, dim=1, keepdim=True)
-        else:
-            raise ValueError(f"layout must be 'circle' or 'random', got {layout!r}")
     cov = _component_covariances(k, d, scales, covariances, anisotropy, g)
     mixture = GaussianMixture(mu, cov, _weights(weights, k))
     x, labels = mixture.sample(n, generator=g, return_labels=True, dtype=dtype)
@@ -304,10 +282,10 @@ def spherical_shells(
     S^{d-1} (a normalised Gaussian), and isotropic Gaussian noise eps ~ N(0, I_d).
     Returns (n, d), and the shell index (n,) int64 when ``return_labels``.
     """
-    n = _positive_int(n, "n")
-    d = _positive_int(d, "d")
-    noise = _real(noise, "noise")
-    dtype = _float_dtype(dtype)
+    n = check_positive_int(n, "n")
+    d = check_positive_int(d, "d")
+    noise = check_nonnegative_real(noise, "noise")
+    dtype = check_float_dtype(dtype)
     r = _as_float64(radii, "radii")
     if r.dim() != 1 or r.numel() < 1:
         raise ValueError(f"radii must be a non-empty sequence of numbers, got shape {tuple(r.shape)}")
@@ -337,9 +315,9 @@ def two_moons(
     (1 - cos theta, 1/2 - sin theta); theta ~ U[0, pi], the moon ~ Bernoulli(1/2), then
     noise * N(0, I_2) is added. Returns (n, 2), and the moon (n,) int64 when ``return_labels``.
     """
-    n = _positive_int(n, "n")
-    noise = _real(noise, "noise")
-    dtype = _float_dtype(dtype)
+    n = check_positive_int(n, "n")
+    noise = check_nonnegative_real(noise, "noise")
+    dtype = check_float_dtype(dtype)
     g = _rng(generator, seed)
     labels = torch.randint(0, 2, (n,), generator=g)
     theta = math.pi * torch.rand(n, generator=g, dtype=torch.float64)
@@ -370,13 +348,11 @@ def circle(
     a tilted plane. Then noise * N(0, I_dim) is added (off-manifold noise).
     Returns (n, dim), and theta (n,) float64 when ``return_angles``.
     """
-    n = _positive_int(n, "n")
-    radius = _real(radius, "radius", strict=True)
-    noise = _real(noise, "noise")
-    dim = _positive_int(dim, "dim")
-    dtype = _float_dtype(dtype)
-    if dim < 2:
-        raise ValueError(f"dim must be at least 2, got {dim}")
+    n = check_positive_int(n, "n")
+    radius = check_positive_real(radius, "radius")
+    noise = check_nonnegative_real(noise, "noise")
+    dim = check_int(dim, "dim", minimum=2)
+    dtype = check_float_dtype(dtype)
     g = _rng(generator, seed)
     if rotation is not None:
         if dim == 2:
