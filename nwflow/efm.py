@@ -6,23 +6,29 @@ Does Not Arise from Target Stochasticity" (arXiv 2506.03719), eqs. (7)-(8) and A
 
 Conditional flow matching (CFM) regresses v_theta(x_t, t) on the conditional target
 
-    u_cond = x1 - (1 - sigma_min) x0 = (x1 - (1 - sigma_min) x_t) / sigma_t,
+.. math:: u_{\rm cond} = x_1 - (1 - \sigma_{\min})\, x_0 = \frac{x_1 - (1 - \sigma_{\min})\, x_t}{\sigma_t},
 
 an unbiased but noisy estimate of the closed-form velocity u(x_t, t) = E[u_cond | x_t]
 (:func:`nwflow.velocity`). EFM-M replaces it by a self-normalised average over M reference
-points b^(1..M), of which the FIRST is the point x1 that generated x_t:
+points b^(1..M), of which the FIRST is the point x1 that generated x_t (eq. (EFM)):
 
-    u_M(x, t) = sum_{j=1}^M lambda_j (b^(j) - (1 - sigma_min) x) / sigma_t,            (EFM)
-    lambda    = softmax_j( -||x - t b^(j)||^2 / (2 sigma_t^2) ),
-    b^(1) = x1,   b^(2), ..., b^(M) i.i.d. uniform over the training set.
+.. math::
+
+    u_M(x, t) = \sum_{j=1}^M \lambda_j\, \frac{b^{(j)} - (1 - \sigma_{\min})\, x}{\sigma_t}, \qquad
+    \lambda_j = \operatorname{softmax}_j\Big(-\frac{\|x - t b^{(j)}\|^2}{2\sigma_t^2}\Big),
+
+    b^{(1)} = x_1, \qquad b^{(2)}, \dots, b^{(M)} \ \text{i.i.d. uniform over the training set.}
 
 (The paper writes sigma_min = 0, sigma_t = 1 - t; its eq. (8) prints the softmax over all n
 training points, but Algorithm 2 and Appendix B.1 take it over the M references, as here.)
 Proposition 2 of the paper: given x_t = x, b^(1) is a draw from the posterior
-w_j(x, t) (:func:`nwflow.posterior_weights`), and then
+w_j(x, t) (:func:`nwflow.posterior_weights`), and then, for every M >= 1 (unbiased, and
+never noisier than CFM),
 
-    E[u_M(x, t)] = u(x, t)                        (unbiased, for every M >= 1)
-    Var[u_M(x, t)] <= Var[u_cond | x_t = x]         (never noisier than CFM).
+.. math::
+
+    E[u_M(x, t)] = u(x, t), \qquad
+    \operatorname{Var}[u_M(x, t)] \le \operatorname{Var}[u_{\rm cond} \mid x_t = x].
 
 Drawing b^(1) uniformly instead gives a plain self-normalised importance-sampling estimate,
 which is biased. M = 1 is CFM exactly: the softmax over one point is 1.
@@ -31,6 +37,7 @@ which is biased. M = 1 is CFM exactly: the softmax over one point is 1.
 from __future__ import annotations
 
 import numbers
+from collections.abc import Iterator
 
 import torch
 
@@ -59,8 +66,12 @@ def efm_target(
 ) -> torch.Tensor:
     r"""The EFM-M target u_M(x, t) of eq. (EFM) (module docstring; paper eq. (8)).
 
-        u_M(x, t) = sum_{j=1}^M lambda_j (b^(j) - (1 - sigma_min) x) / sigma_t,
-        lambda = softmax_j(-||x - t b^(j)||^2 / (2 sigma_t^2)),  b^(1) = x1, b^(2..M) = references.
+    .. math:: u_M(x, t) = \sum_{j=1}^M \lambda_j\, \frac{b^{(j)} - (1 - \sigma_{\min})\, x}{\sigma_t},
+        \quad \lambda_j = \operatorname{softmax}_j\Big(-\frac{\|x - t b^{(j)}\|^2}{2\sigma_t^2}\Big)
+
+    with b^(1) = x1 and b^(2..M) the references. It is computed as
+    (m - (1 - sigma_min) x) / sigma_t with m = lambda_1 x1 + (1 - lambda_1) m_ref, m_ref the
+    kernel mean of the references alone.
 
     Shapes: ``x`` = x_t and ``x1`` (B, *S); ``t`` a number, 0-d or (B,) tensor in [0, 1]
     (t = 1 needs sigma_min > 0); ``references`` either (K, *S), shared by every row (the
@@ -117,12 +128,8 @@ def efm_target(
             # softmax_j over [l1, lk] is [lambda_1, (1 - lambda_1) softmax_k(lk)]: the kernel mean
             # of the references, mixed with the generating point b^(1) by its weight lambda_1.
             lse = torch.logsumexp(lk, dim=1)
-            if shared:
-                m_refs = softmax_mean(lk, R)
-            else:
-                # One reference set per row: per-row values, which softmax_mean (one (K, D) set
-                # shared by the rows) does not take, so the batched product is written here.
-                m_refs = torch.einsum("bk,bkd->bd", torch.softmax(lk, dim=1), R)
+            # Per-row references: each row is its own task, logits (B, 1, K) and values (B, K, D).
+            m_refs = softmax_mean(lk, R) if shared else softmax_mean(lk[:, None, :], R)[:, 0]
             m = torch.sigmoid(l1 - lse)[:, None] * b1 + torch.sigmoid(lse - l1)[:, None] * m_refs
     u = conditional_target(xf, m, tt, sigma_min)
     return u.reshape(x.shape).to(x.dtype)
@@ -133,8 +140,13 @@ class TargetSampler:
 
     ``TargetSampler(support, batch_size, m=None, sigma_min=0.0, t_max=1.0)``
 
+    .. math:: x_t = \sigma_t x_0 + t x_1, \qquad
+        \text{target} = x_1 - (1 - \sigma_{\min})\, x_0 \ \text{(CFM)} \ \text{or} \ u_M(x_t, t)
+        \ \text{(EFM-M)}
+
     Each call draws x0 ~ N(0, I), x1 uniform from ``support`` (n, *S), t ~ U[0, t_max) and
-    x_t = sigma_t x0 + t x1 (:func:`nwflow.sample_xt`). The target is
+    x_t = sigma_t x0 + t x1 (:func:`nwflow.sample_xt`); it returns x_t (B, *S), t (B,) and the
+    target (B, *S), B = ``batch_size``. The target is
 
     - ``m=None``: the CFM target x1 - (1 - sigma_min) x0 (paper Algorithm 1);
     - ``m=M``: the EFM-M target :func:`efm_target` with b^(1) = x1 and M - 1 references drawn
@@ -190,10 +202,12 @@ class TargetSampler:
 def hybrid_field(first: VelocityFn, second: VelocityFn, tau: float) -> VelocityFn:
     r"""The switched field of the paper's Figure 3: ``first`` on [0, tau), ``second`` on [tau, 1].
 
-        u_tau(x, t) = first(x, t) if t < tau else second(x, t).
+    .. math:: u_\tau(x, t) = \begin{cases} u_{\rm first}(x, t), & t < \tau, \\
+        u_{\rm second}(x, t), & t \ge \tau \end{cases}
 
-    ``t`` is the solver's 0-d time (:func:`nwflow.solvers.integrate`); put tau on the solver's
-    grid so that the switch happens exactly at a step boundary. tau = 0 is ``second`` alone,
+    Shapes: ``x`` (B, *S) and the result (B, *S); ``t`` is the solver's 0-d time
+    (:func:`nwflow.solvers.integrate`); put tau on the solver's grid so that the switch
+    happens exactly at a step boundary. tau = 0 is ``second`` alone,
     tau = 1 is ``first`` alone. Chapter 6.
     """
     if not callable(first) or not callable(second):
@@ -214,6 +228,8 @@ def hybrid_field(first: VelocityFn, second: VelocityFn, tau: float) -> VelocityF
 def hybrid_samples(first: VelocityFn, second: VelocityFn, x0: torch.Tensor, taus: list[float],
                    steps: int = 50) -> torch.Tensor:
     r"""End points of the hybrid sampler for several switching times (paper Figure 3).
+
+    .. math:: x_{k+1} = x_k + h\, u_\tau(x_k, t_k), \qquad t_k = k h, \quad h = 1 / \text{steps}
 
     For each tau: Euler on the grid t_k = k / steps, following ``first`` on [0, tau) and
     ``second`` on [tau, 1] (:func:`hybrid_field`), from the same ``x0`` (B, *S). The path of
@@ -244,21 +260,30 @@ def hybrid_samples(first: VelocityFn, second: VelocityFn, x0: torch.Tensor, taus
     return torch.stack(out)
 
 
-def _field(support: torch.Tensor, sigma_min: float) -> EmpiricalField:
-    return EmpiricalField(support, sigma_min=sigma_min)
+def _on_paths(support: torch.Tensor, times: torch.Tensor, x0: torch.Tensor, index: torch.Tensor,
+              sigma_min: float) -> tuple[torch.Tensor, Iterator[tuple[float, torch.Tensor, torch.Tensor]]]:
+    """x1 = support[index] (checked against x0) and, lazily, (t_k, x_t, u(x_t, t_k)) for each
+    t_k of ``times``, x_t = sigma_t x0 + t_k x1, from one field of the support."""
+    field = EmpiricalField(support, sigma_min=sigma_min)
+    x1 = support[index]
+    check_same_shape(x0, x1, "x0", "support[index]")
+
+    def points() -> Iterator[tuple[float, torch.Tensor, torch.Tensor]]:
+        for t in times.tolist():
+            xt = sample_xt(x0, x1, t, sigma_min)
+            yield t, xt, field.velocity(xt, t)
+
+    return x1, points()
 
 
-def alignment(
-    support: torch.Tensor,
-    times: torch.Tensor,
-    x0: torch.Tensor,
-    index: torch.Tensor,
-    sigma_min: float = 0.0,
-) -> torch.Tensor:
+def alignment(support: torch.Tensor, times: torch.Tensor, x0: torch.Tensor, index: torch.Tensor,
+              sigma_min: float = 0.0) -> torch.Tensor:
     r"""Cosine similarity between the closed-form velocity and the conditional target (paper Fig. 1a).
 
-        cos_k,i = cos( u(x_t, t_k), x1_i - (1 - sigma_min) x0_i ),  x_t = sigma_t x0_i + t_k x1_i,
-        x1_i = support[index_i].
+    .. math:: c_{k i} = \cos\big(u(x_t, t_k),\ x_1^i - (1 - \sigma_{\min})\, x_0^i\big), \qquad
+        x_t = \sigma_{t_k} x_0^i + t_k x_1^i
+
+    with x1_i = support[index_i].
 
     Shapes: ``support`` (n, *S), ``times`` (T,) in [0, 1) (t = 1 needs sigma_min > 0),
     ``x0`` (B, *S), ``index`` (B,) integer rows of the support. Returns (T, B) in float64.
@@ -267,41 +292,26 @@ def alignment(
     """
     from nwflow.metrics import cosine_similarity
 
-    field = _field(support, sigma_min)
-    x1 = support[index]
-    check_same_shape(x0, x1, "x0", "support[index]")
+    x1, points = _on_paths(support, times, x0, index, sigma_min)
     u_cond = conditional_velocity(x0, x1, sigma_min)
-    rows = []
-    for t in times.tolist():
-        u = field.velocity(sample_xt(x0, x1, t, sigma_min), t)
-        rows.append(cosine_similarity(u, u_cond).to(WIDE))
-    return torch.stack(rows)
+    return torch.stack([cosine_similarity(u, u_cond).to(WIDE) for _, _, u in points])
 
 
 @torch.no_grad()
-def field_error(
-    model: VelocityFn,
-    support: torch.Tensor,
-    times: torch.Tensor,
-    x0: torch.Tensor,
-    index: torch.Tensor,
-    sigma_min: float = 0.0,
-) -> torch.Tensor:
+def field_error(model: VelocityFn, support: torch.Tensor, times: torch.Tensor, x0: torch.Tensor,
+                index: torch.Tensor, sigma_min: float = 0.0) -> torch.Tensor:
     r"""Mean squared error between a learned field and the closed form over t (paper Fig. 2 left).
 
-        e(t_k) = mean_i ||model(x_t, t_k) - u(x_t, t_k)||^2 / D,  x_t = sigma_t x0_i + t_k x1_i,
+    .. math:: e(t_k) = \frac{1}{B D} \sum_{i=1}^B \|v_\theta(x_t, t_k) - u(x_t, t_k)\|^2, \qquad
+        x_t = \sigma_{t_k} x_0^i + t_k x_1^i
 
-    with x1_i = support[index_i] and D the number of values per sample (a per-coordinate
+    with v_theta = ``model``, x1_i = support[index_i] and D the number of values per sample (a per-coordinate
     error, comparable across image sizes). Shapes: ``support`` (n, *S), ``times`` (T,),
     ``x0`` (B, *S), ``index`` (B,). Returns (T,) in float64. Chapter 6.
     """
-    field = _field(support, sigma_min)
-    x1 = support[index]
-    check_same_shape(x0, x1, "x0", "support[index]")
+    _, points = _on_paths(support, times, x0, index, sigma_min)
     out = []
-    for t in times.tolist():
-        xt = sample_xt(x0, x1, t, sigma_min)
+    for t, xt, u in points:
         tt = torch.full((xt.shape[0],), t, dtype=xt.dtype, device=xt.device)
-        diff = (model(xt, tt) - field.velocity(xt, t)).to(WIDE)
-        out.append(diff.square().mean())
+        out.append((model(xt, tt) - u).to(WIDE).square().mean())
     return torch.stack(out)
