@@ -194,6 +194,26 @@ def check_time(
     With ``sigma_min == 0`` the value t = 1 is refused: the path has no noise left there
     and the velocity is singular.
     """
+    tt = check_per_row(t, batch, dtype, device, name)
+    if tt.numel():
+        lo, hi = float(tt.detach().min()), float(tt.detach().max())
+        if lo < 0.0 or hi > 1.0:
+            raise ValueError(f"{name} must lie in [0, 1], got values in [{lo}, {hi}]")
+        if sigma_min == 0.0 and hi == 1.0:
+            raise ValueError(
+                f"{name} = 1 with sigma_min = 0 is singular (sigma_1 = 0): "
+                "stop short of 1 or use sigma_min > 0"
+            )
+    return tt
+
+
+def check_per_row(
+    t: float | torch.Tensor, batch: int, dtype: torch.dtype, device: torch.device, name: str
+) -> torch.Tensor:
+    """A per-row scalar (a number, a 0-d tensor or a (batch,) tensor, finite) as a (batch,) tensor.
+
+    The layout shared by every per-row argument (a time, a step size); the caller checks the range.
+    """
     if isinstance(t, torch.Tensor):
         if torch.is_complex(t) or t.dtype == torch.bool:
             raise TypeError(f"{name} must be real, got dtype {t.dtype}")
@@ -216,26 +236,19 @@ def check_time(
         tt = torch.full((batch,), float(t), dtype=dtype, device=device)
     else:
         raise TypeError(f"{name} must be a number or a tensor, got {type(t).__name__}")
-    if tt.numel():
-        values = tt.detach()  # a t that requires grad keeps its graph; the checks need none
-        if not bool(torch.isfinite(values).all()):
-            raise ValueError(f"{name} contains NaN or inf")
-        lo, hi = float(values.min()), float(values.max())
-        if lo < 0.0 or hi > 1.0:
-            raise ValueError(f"{name} must lie in [0, 1], got values in [{lo}, {hi}]")
-        if sigma_min == 0.0 and hi == 1.0:
-            raise ValueError(
-                f"{name} = 1 with sigma_min = 0 is singular (sigma_1 = 0): "
-                "stop short of 1 or use sigma_min > 0"
-            )
+    # a t that requires grad keeps its graph; the check needs none
+    if tt.numel() and not bool(torch.isfinite(tt.detach()).all()):
+        raise ValueError(f"{name} contains NaN or inf")
     return tt
 
 
-def check_points(x: object, name: str, dim: int | None = None, min_rows: int = 1) -> torch.Tensor:
+def check_points(x: object, name: str, dim: int | None = None, min_rows: int = 1, rows: str = "B"
+                 ) -> torch.Tensor:
     """A (B, D) batch of points: a floating-point tensor with finite values, B >= min_rows,
-    D >= 1 (D == dim when given)."""
+    D >= 1 (D == dim when given); ``rows`` names B in the message (``"n"`` for a support)."""
     x = check_float_tensor(x, name)
-    expected = f"shape (B, {'D' if dim is None else dim})" + (f" with B >= {min_rows}" if min_rows else "")
+    expected = f"shape ({rows}, {'D' if dim is None else dim})"
+    expected += f" with {rows} >= {min_rows}" if min_rows else ""
     if (x.dim() != 2 or x.shape[0] < min_rows or x.shape[1] < 1
             or (dim is not None and x.shape[1] != dim)):
         raise ValueError(f"{name} must have {expected}, got shape {tuple(x.shape)}")

@@ -40,14 +40,22 @@ make this a tool for low-dimensional geometry (D of a few tens at most).
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 
 import torch
 
-from nwflow._checks import check_float_tensor, check_time
+from nwflow._checks import (
+    check_float_tensor,
+    check_nonnegative_real,
+    check_per_row,
+    check_points,
+    check_positive_int,
+    check_positive_real,
+    check_same_device,
+)
 from nwflow._precision import WIDE
 from nwflow._stream import softmax_mean
+from nwflow.path import time_per_row
 
 __all__ = [
     "SemiDiscreteDual",
@@ -66,10 +74,7 @@ __all__ = [
 
 # -- input handling -------------------------------------------------------------------
 def _support(support: object) -> torch.Tensor:
-    x = check_float_tensor(support, "support")
-    if x.dim() != 2 or x.shape[0] == 0 or x.shape[1] == 0:
-        raise ValueError(f"support must have shape (n, D) with n, D >= 1, got {tuple(x.shape)}")
-    return x
+    return check_points(support, "support", rows="n")
 
 
 def _weights_g(g: object, support: torch.Tensor) -> torch.Tensor:
@@ -77,52 +82,15 @@ def _weights_g(g: object, support: torch.Tensor) -> torch.Tensor:
     if g.shape != (support.shape[0],):
         raise ValueError(f"g must have shape ({support.shape[0]},) (one weight per support point), "
                          f"got {tuple(g.shape)}")
-    if g.device != support.device:
-        raise ValueError(f"g is on {g.device} but the support is on {support.device}")
+    check_same_device(support, g, "support", "g")
     return g.to(WIDE)
 
 
 def _points(x: object, support: torch.Tensor, name: str) -> torch.Tensor:
-    x = check_float_tensor(x, name)
-    if x.dim() != 2 or x.shape[1] != support.shape[1]:
-        raise ValueError(f"{name} must have shape (B, {support.shape[1]}) to match the support, "
-                         f"got {tuple(x.shape)}")
-    if x.device != support.device:
-        raise ValueError(f"{name} is on {x.device} but the support is on {support.device}")
+    """Query points (B, D) in the support's dimension and on its device."""
+    x = check_points(x, name, dim=support.shape[1], min_rows=0)
+    check_same_device(support, x, "support", name)
     return x
-
-
-def _eps(eps: object) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
-    if not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps must be a finite number >= 0 (0: no smoothing), got {eps}")
-    return float(eps)
-
-
-def _positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
-
-
-def _per_row(value: float | torch.Tensor, batch: int, device: torch.device, name: str) -> torch.Tensor:
-    """A positive finite number or (batch,) tensor as a float64 (batch,) tensor."""
-    if isinstance(value, torch.Tensor):
-        if value.dim() == 0:
-            v = value.to(device=device, dtype=WIDE).expand(batch)
-        elif value.shape == (batch,):
-            v = value.to(device=device, dtype=WIDE)
-        else:
-            raise ValueError(f"{name} must be a number, a 0-d or a ({batch},) tensor, "
-                             f"got shape {tuple(value.shape)}")
-    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
-        v = torch.full((batch,), float(value), dtype=WIDE, device=device)
-    else:
-        raise TypeError(f"{name} must be a number or a tensor, got {type(value).__name__}")
-    if v.numel() and not bool(((v > 0) & torch.isfinite(v)).all()):
-        raise ValueError(f"{name} must be positive and finite")
-    return v
 
 
 def _scores(x0: torch.Tensor, X: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -138,8 +106,8 @@ def standard_normal_qmc(n: int, d: int, seed: int = 0, dtype: torch.dtype = WIDE
     point is infinite. Cell masses estimated with them converge faster than with i.i.d.
     draws (the integrands are indicators of convex cells). Returns (n, d). Chapter 7.
     """
-    n = _positive_int(n, "n")
-    d = _positive_int(d, "d")
+    n = check_positive_int(n, "n")
+    d = check_positive_int(d, "d")
     engine = torch.quasirandom.SobolEngine(d, scramble=True, seed=seed)
     u = engine.draw(n, dtype=WIDE).clamp(1e-12, 1.0 - 1e-12)
     return (math.sqrt(2.0) * torch.erfinv(2.0 * u - 1.0)).to(dtype)
@@ -168,7 +136,7 @@ def brenier_potential(x0: torch.Tensor, support: torch.Tensor, g: torch.Tensor,
     [phi, phi + eps log n]. Shapes: x0 (B, D), support (n, D), g (n,). Returns (B,). Chapter 7.
     """
     X = _support(support)
-    eps = _eps(eps)
+    eps = check_nonnegative_real(eps, "eps")
     a = _scores(_points(x0, X, "x0"), X.to(WIDE), _weights_g(g, X))
     out = a.amax(dim=1) if eps == 0 else eps * torch.logsumexp(a / eps, dim=1)
     return out.to(x0.dtype)
@@ -182,7 +150,7 @@ def brenier_map(x0: torch.Tensor, support: torch.Tensor, g: torch.Tensor, eps: f
     Nadaraya-Watson posterior mean of Part I. Shapes: x0 (B, D) -> (B, D). Chapter 7.
     """
     X = _support(support)
-    eps = _eps(eps)
+    eps = check_nonnegative_real(eps, "eps")
     x0 = _points(x0, X, "x0")
     a = _scores(x0, X.to(WIDE), _weights_g(g, X))
     if eps == 0:
@@ -242,12 +210,10 @@ def semidiscrete_dual(
     """
     X = _support(support)
     n, d = X.shape
-    n_samples = _positive_int(n_samples, "n_samples")
-    n_check = _positive_int(n_check, "n_check")
-    max_newton = _positive_int(max_newton, "max_newton")
-    eps = _eps(eps)
-    if eps == 0:
-        raise ValueError("eps must be > 0: the final smoothing temperature (relative to the spread)")
+    n_samples = check_positive_int(n_samples, "n_samples")
+    n_check = check_positive_int(n_check, "n_check")
+    max_newton = check_positive_int(max_newton, "max_newton")
+    eps = check_positive_real(eps, "eps")  # the final smoothing temperature (relative to the spread)
     if weights is None:
         b = torch.full((n,), 1.0 / n, dtype=WIDE, device=X.device)
     else:
@@ -564,18 +530,23 @@ def prox_conjugate(z: torch.Tensor, h: float | torch.Tensor, support: torch.Tens
     X = _support(support)
     z = _points(z, X, "z")
     gv = _weights_g(g, X)
-    eps = _eps(eps)
-    hv = _per_row(h, z.shape[0], z.device, "h")
+    eps = check_nonnegative_real(eps, "eps")
+    hv = check_per_row(h, z.shape[0], WIDE, z.device, "h")
+    if hv.numel() and not bool((hv > 0).all()):
+        raise ValueError(f"h must be positive, got values down to {float(hv.min())}")
     Xf = X.to(WIDE)
     y, lam, bound = _prox_dual_form(z.to(WIDE) / hv[:, None], hv, Xf, gv, eps)
     y = y.to(z.dtype)
     return (y, {"weights": lam, "error_bound": bound}) if return_info else y
 
 
-def _check_flow_time(t: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    tt = check_time(t, batch=x.shape[0], dtype=WIDE, device=x.device, name="t")
+def _flow_time(t: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    # The path's t, except that t = 1 is refused for every sigma_min: the proximal form
+    # divides by 1 - t.
+    tt = time_per_row(t, x, dtype=WIDE)
     if tt.numel() and bool((tt >= 1).any()):
-        raise ValueError("t must lie in [0, 1): the proximal form divides by 1 - t (the flow ends at t = 1)")
+        raise ValueError("t must be in [0, 1) (the proximal form divides by 1 - t; the flow ends "
+                         f"at t = 1), got values up to {float(tt.max())}")
     return tt
 
 
@@ -593,8 +564,8 @@ def proximal_target(x: torch.Tensor, t: float | torch.Tensor, support: torch.Ten
     X = _support(support)
     x = _points(x, X, "x")
     gv = _weights_g(g, X)
-    eps = _eps(eps)
-    tt = _check_flow_time(t, x)
+    eps = check_nonnegative_real(eps, "eps")
+    tt = _flow_time(t, x)
     Xf, xf = X.to(WIDE), x.to(WIDE)
     out = torch.empty_like(xf)
     start = tt == 0
@@ -617,5 +588,5 @@ def proximal_velocity(x: torch.Tensor, t: float | torch.Tensor, support: torch.T
     t in [0, 1). Chapter 7.
     """
     x1 = proximal_target(x, t, support, g, eps)
-    tt = _check_flow_time(t, x)
+    tt = _flow_time(t, x)
     return ((x1.to(WIDE) - x.to(WIDE)) / (1.0 - tt)[:, None]).to(x.dtype)
