@@ -3,10 +3,12 @@ r"""Minibatch optimal-transport couplings and OT conditional flow matching (OT-C
 Book: Part II, chapter 7 (``book/part2_papers/07_proximal_ot_cfm``).
 
 OT-CFM (Tong et al. 2024; Pooladian et al. 2023) pairs a minibatch of noise x0 with a
-minibatch of data x1 by the optimal transport plan for the squared Euclidean cost,
+minibatch of data x1 by the optimal transport plan for the squared Euclidean cost (eq. (OT)),
 
-    P* = argmin_{P in U(a, b)} sum_ij P_ij ||x0_i - x1_j||^2,
-    U(a, b) = {P >= 0 : P 1 = a, P^T 1 = b},                                       (OT)
+.. math::
+
+    P^\star = \arg\min_{P \in U(a, b)} \sum_{ij} P_{ij} \|x_0^i - x_1^j\|^2, \qquad
+    U(a, b) = \{P \ge 0 : P \mathbf{1} = a,\ P^\top \mathbf{1} = b\},
 
 computed exactly by POT's network simplex (``ot.emd``) or, as an option, with entropic
 regularisation (``ot.sinkhorn``, stabilised). Pairs drawn from P* are trained on the path
@@ -25,13 +27,19 @@ POT's warnings are turned into errors here, so nothing reaches stderr.
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 
 import numpy as np
 import torch
 
-from nwflow._checks import check_float_tensor
+from nwflow._checks import (
+    check_choice,
+    check_float_tensor,
+    check_points,
+    check_positive_int,
+    check_positive_real,
+    check_same_device,
+)
 from nwflow._precision import WIDE
 
 __all__ = ["squared_distances", "ot_plan", "ot_pairs"]
@@ -39,26 +47,10 @@ __all__ = ["squared_distances", "ot_plan", "ot_pairs"]
 METHODS = ("exact", "sinkhorn")
 
 
-def _batch(x: object, name: str) -> torch.Tensor:
-    x = check_float_tensor(x, name)
-    if x.dim() != 2 or x.shape[0] == 0:
-        raise ValueError(f"{name} must have shape (B, D) with B >= 1, got {tuple(x.shape)}")
-    return x
-
-
 def _pair_shapes(x0: torch.Tensor, x1: torch.Tensor) -> None:
     if x0.shape[1] != x1.shape[1]:
         raise ValueError(f"x0 and x1 must have the same dimension D, got {x0.shape[1]} and {x1.shape[1]}")
-    if x0.device != x1.device:
-        raise ValueError(f"x0 is on {x0.device} but x1 is on {x1.device}")
-
-
-def _positive_real(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
-    if not value > 0 or not math.isfinite(value):
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
-    return float(value)
+    check_same_device(x0, x1, "x0", "x1")
 
 
 def _marginal(m: object, size: int, name: str) -> np.ndarray:
@@ -72,13 +64,14 @@ def _marginal(m: object, size: int, name: str) -> np.ndarray:
 
 
 def squared_distances(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
-    """Cost matrix C_ij = ||x0_i - x1_j||^2 in float64, (B0, B1), never negative.
+    r"""Cost matrix in float64, (B0, B1) for ``x0`` (B0, D) and ``x1`` (B1, D), never negative.
 
-    Formed as ||x0||^2 + ||x1||^2 - 2 <x0, x1> (no (B0, B1, D) block) and clamped at 0.
-    Chapter 7.
+    .. math:: C_{ij} = \|x_0^i - x_1^j\|^2 = \|x_0^i\|^2 + \|x_1^j\|^2 - 2 \langle x_0^i, x_1^j \rangle
+
+    Formed by the right-hand side (no (B0, B1, D) block) and clamped at 0. Chapter 7.
     """
-    a = _batch(x0, "x0").to(WIDE)
-    b = _batch(x1, "x1").to(WIDE)
+    a = check_points(x0, "x0").to(WIDE)
+    b = check_points(x1, "x1").to(WIDE)
     _pair_shapes(a, b)
     c = a.square().sum(1)[:, None] + b.square().sum(1)[None, :] - 2.0 * a @ b.T
     return c.clamp_min_(0.0)
@@ -88,6 +81,14 @@ def ot_plan(x0: torch.Tensor, x1: torch.Tensor, a: torch.Tensor | None = None, b
             method: str = "exact", reg: float = 0.05, max_iter: int | None = None,
             tol: float = 1e-7) -> torch.Tensor:
     r"""The OT plan P (B0, B1) between sum_i a_i delta_{x0_i} and sum_j b_j delta_{x1_j}, eq. (OT).
+
+    .. math:: P^\star = \arg\min_{P \in U(a, b)} \langle P, C \rangle, \qquad
+        P_\varepsilon = \arg\min_{P \in U(a, b)}
+        \Big\langle P, \frac{C}{\bar C} \Big\rangle - \varepsilon H(P)
+
+    with C the cost of :func:`squared_distances`, C-bar its mean, epsilon = ``reg`` and
+    H(P) = -sum_ij P_ij log P_ij (POT's entropy). Shapes: ``x0`` (B0, D), ``x1`` (B1, D), ``a`` (B0,),
+    ``b`` (B1,).
 
     - ``method="exact"``: network simplex (``ot.emd``); the plan is a vertex of U(a, b), so
       for uniform a, b of equal size it is a permutation matrix / B.
@@ -104,12 +105,10 @@ def ot_plan(x0: torch.Tensor, x1: torch.Tensor, a: torch.Tensor | None = None, b
     import ot
 
     C = squared_distances(x0, x1)
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    check_choice(method, "method", METHODS)
     if max_iter is None:
         max_iter = 1_000_000 if method == "exact" else 100_000
-    if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 1:
-        raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
+    max_iter = check_positive_int(max_iter, "max_iter")
     wa = _marginal(a, C.shape[0], "a")
     wb = _marginal(b, C.shape[1], "b")
     M = C.cpu().numpy()
@@ -120,7 +119,7 @@ def ot_plan(x0: torch.Tensor, x1: torch.Tensor, a: torch.Tensor | None = None, b
             if log.get("result_code", 1) != 1:
                 raise RuntimeError(f"ot.emd did not reach an optimum: {log.get('warning')}")
         else:
-            reg = _positive_real(reg, "reg")
+            reg = check_positive_real(reg, "reg")
             scale = float(M.mean()) or 1.0
             P, log = ot.sinkhorn(wa, wb, M / scale, reg, method="sinkhorn_stabilized",
                                  numItermax=int(max_iter), stopThr=float(tol), log=True)
@@ -135,6 +134,10 @@ def ot_pairs(x0: torch.Tensor, x1: torch.Tensor, method: str = "exact", reg: flo
              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Re-pair two minibatches of equal size B by their OT plan: returns (x0, x1[sigma]).
 
+    .. math:: \sigma^\star = \arg\min_{\sigma \in S_B} \sum_{i=1}^B
+        \|x_0^i - x_1^{\sigma(i)}\|^2 \ \text{(exact)}, \qquad
+        P(\sigma(i) = j) = \frac{P_{ij}}{\sum_{j'} P_{ij'}} \ \text{(Sinkhorn)}
+
     Exact: the optimal assignment sigma (every x0_i keeps one partner). Repeated rows of x1
     (minibatches drawn from a finite data set) are merged first: the plan is solved against
     the distinct points with their multiplicities as weights; the constraint matrix is
@@ -143,8 +146,8 @@ def ot_pairs(x0: torch.Tensor, x1: torch.Tensor, method: str = "exact", reg: flo
     its row of the entropic plan (``generator`` for reproducibility).
     Shapes: x0, x1 (B, D). Returns two (B, D) tensors in x1's dtype. Chapter 7.
     """
-    x0 = _batch(x0, "x0")
-    x1 = _batch(x1, "x1")
+    x0 = check_points(x0, "x0")
+    x1 = check_points(x1, "x1")
     _pair_shapes(x0, x1)
     if x0.shape[0] != x1.shape[0]:
         raise ValueError(f"x0 and x1 must hold the same number of points, "
