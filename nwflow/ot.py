@@ -87,8 +87,8 @@ def ot_plan(x0: torch.Tensor, x1: torch.Tensor, a: torch.Tensor | None = None, b
         \Big\langle P, \frac{C}{\bar C} \Big\rangle - \varepsilon H(P)
 
     with C the cost of :func:`squared_distances`, C-bar its mean, epsilon = ``reg`` and
-    H(P) = -sum_ij P_ij log P_ij (POT's entropy). Shapes: ``x0`` (B0, D), ``x1`` (B1, D), ``a`` (B0,),
-    ``b`` (B1,).
+    H(P) = -sum_ij P_ij log P_ij (POT's entropy). Shapes: ``x0`` (B0, D), ``x1`` (B1, D),
+    ``a`` (B0,), ``b`` (B1,).
 
     - ``method="exact"``: network simplex (``ot.emd``); the plan is a vertex of U(a, b), so
       for uniform a, b of equal size it is a permutation matrix / B.
