@@ -40,16 +40,25 @@ What lives here:
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 from torch import nn
 
-from nwflow._checks import check_float_tensor, check_same_shape, check_time
+from nwflow._checks import (
+    check_callable,
+    check_float_tensor,
+    check_instance,
+    check_int,
+    check_nonnegative_real,
+    check_positive_int,
+    check_real,
+    check_same_device,
+    check_same_shape,
+)
 from nwflow._precision import WIDE, exact_matmul
 from nwflow._stream import softmax_mean
 from nwflow.empirical import posterior_weights
-from nwflow.path import conditional_velocity, sample_xt
+from nwflow.path import conditional_velocity, sample_xt, time_per_row
 from nwflow.solvers import VelocityFn
 from nwflow.train import BatchFn
 
@@ -72,26 +81,20 @@ __all__ = [
 ]
 
 # -- argument checks ------------------------------------------------------------------
-def _check_sigma(sigma: object) -> float:
-    if isinstance(sigma, torch.Tensor) and sigma.numel() == 1:
-        sigma = float(sigma)
-    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real):
-        raise TypeError(f"sigma must be a real number, got {type(sigma).__name__}")
-    if not math.isfinite(sigma) or sigma < 0.0:
-        raise ValueError(f"sigma must be a finite number >= 0, got {sigma}")
-    return float(sigma)
-
-
 def _check_pairs(x0: object, x1: object) -> tuple[torch.Tensor, torch.Tensor]:
     x0 = check_float_tensor(x0, "x0")
     x1 = check_float_tensor(x1, "x1")
     check_same_shape(x0, x1, "x0", "x1")
     if x0.dim() < 2 or x0.shape[0] == 0:
-        raise ValueError(f"x0 and x1 must have shape (N, *S) with N >= 1, got {tuple(x0.shape)}")
-    if x0.dtype != x1.dtype or x0.device != x1.device:
-        raise ValueError(f"x0 and x1 must share dtype and device, got {x0.dtype} on {x0.device} "
-                         f"and {x1.dtype} on {x1.device}")
+        raise ValueError(f"x0 and x1 must have shape (N, *S) with N >= 1, got shape {tuple(x0.shape)}")
+    _same_dtype_device(x0, x1, "x0", "x1")
     return x0, x1
+
+
+def _same_dtype_device(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str) -> None:
+    if a.dtype != b.dtype:
+        raise TypeError(f"{name_b} must have the dtype of {name_a} ({a.dtype}), got {b.dtype}")
+    check_same_device(a, b, name_a, name_b)
 
 
 def _check_noise(noise: object, like: torch.Tensor, sigma: float) -> torch.Tensor | None:
@@ -144,10 +147,8 @@ def rotation_matrix(dim: int, angle: float, plane: tuple[int, int] = (0, 1)) -> 
     R e_i = cos(angle) e_i + sin(angle) e_j, R e_j = -sin(angle) e_i + cos(angle) e_j; the other
     axes are fixed. In R^2, angle = pi gives R = -I. Chapter 8.
     """
-    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 2:
-        raise ValueError(f"dim must be an int >= 2, got {dim!r}")
-    if isinstance(angle, bool) or not isinstance(angle, numbers.Real) or not math.isfinite(angle):
-        raise TypeError(f"angle must be a finite real number, got {angle!r}")
+    check_int(dim, "dim", minimum=2)
+    angle = check_real(angle, "angle")
     i, j = plane
     if not (0 <= i < dim and 0 <= j < dim and i != j):
         raise ValueError(f"plane must be two distinct axes in [0, {dim}), got {plane}")
@@ -207,7 +208,7 @@ def affine_velocity(x: torch.Tensor, t: float | torch.Tensor, shift: torch.Tenso
     """
     x = check_float_tensor(x, "x")
     b, m = _check_affine(x, shift, matrix)
-    tt = check_time(t, batch=x.shape[0], dtype=WIDE, device=x.device, name="t")
+    tt = time_per_row(t, x, dtype=WIDE)
     d = b.shape[0]
     eye = torch.eye(d, dtype=WIDE, device=x.device)
     a = (1.0 - tt)[:, None, None] * eye + tt[:, None, None] * m          # (B, d, d)
@@ -252,7 +253,7 @@ def interpolant(x0: torch.Tensor, x1: torch.Tensor, t: float | torch.Tensor, sig
     (the noise is fixed along the line). Shapes: x0, x1 (B, *S); t a number, 0-d or (B,).
     Chapter 8, eq. (interpolant).
     """
-    sigma = _check_sigma(sigma)
+    sigma = check_nonnegative_real(sigma, "sigma")
     x0 = check_float_tensor(x0, "x0")
     noise = _check_noise(noise, x0, sigma)
     xt = sample_xt(x0, x1, t, sigma_min=0.0)
@@ -267,9 +268,8 @@ def pair_batch_fn(x0: torch.Tensor, x1: torch.Tensor, batch_size: int, sigma: fl
     x_t, t (B,) and the target d_i = x1_i - x0_i. Shapes: x0, x1 (N, *S). Chapter 8.
     """
     x0, x1 = _check_pairs(x0, x1)
-    sigma = _check_sigma(sigma)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    sigma = check_nonnegative_real(sigma, "sigma")
+    check_positive_int(batch_size, "batch_size")
     target_all = conditional_velocity(x0, x1, sigma_min=0.0)
     n, shape = x0.shape[0], tuple(x0.shape[1:])
 
@@ -288,14 +288,13 @@ def _pair_inputs(x: object, t: float | torch.Tensor, x0: object, x1: object, sig
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """Checked (x, x_flat (B, D), t (B,) wide, x0_flat, x1_flat (N, D), sigma)."""
     x0, x1 = _check_pairs(x0, x1)
-    sigma = _check_sigma(sigma)
+    sigma = check_nonnegative_real(sigma, "sigma")
     x = check_float_tensor(x, "x")
     if tuple(x.shape[1:]) != tuple(x0.shape[1:]) or x.dim() != x0.dim():
-        raise ValueError(f"x must have shape (B, {', '.join(map(str, x0.shape[1:]))}), got {tuple(x.shape)}")
-    if x.dtype != x0.dtype or x.device != x0.device:
-        raise ValueError(f"x must share dtype and device with x0 ({x0.dtype} on {x0.device}), "
-                         f"got {x.dtype} on {x.device}")
-    tt = check_time(t, batch=x.shape[0], dtype=WIDE, device=x.device, name="t")
+        raise ValueError(f"x must have shape (B, {', '.join(map(str, x0.shape[1:]))}), "
+                         f"got shape {tuple(x.shape)}")
+    _same_dtype_device(x0, x, "x0", "x")
+    tt = time_per_row(t, x, dtype=WIDE)
     flat = (x.reshape(x.shape[0], -1), x0.reshape(x0.shape[0], -1), x1.reshape(x1.shape[0], -1))
     return x, flat[0], tt, flat[1], flat[2], sigma
 
@@ -413,11 +412,10 @@ def pair_separation(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
 def _residual(velocity_fn: VelocityFn, x0: torch.Tensor, x1: torch.Tensor, t: float | torch.Tensor,
               sigma: float, noise: torch.Tensor | None) -> torch.Tensor:
     """v(x_t, t) - (x1 - x0) per pair, flattened to (N, D)."""
-    if not callable(velocity_fn):
-        raise TypeError(f"velocity_fn must be callable, got {type(velocity_fn).__name__}")
+    check_callable(velocity_fn, "velocity_fn")
     x0, x1 = _check_pairs(x0, x1)
     xt = interpolant(x0, x1, t, sigma, noise)
-    tt = check_time(t, batch=x0.shape[0], dtype=x0.dtype, device=x0.device, name="t")
+    tt = time_per_row(t, x0)
     v = velocity_fn(xt, tt)
     if v.shape != x0.shape:
         raise ValueError(f"velocity_fn returned shape {tuple(v.shape)}, expected {tuple(x0.shape)}")
@@ -432,7 +430,7 @@ def pair_loss(velocity_fn: VelocityFn, x0: torch.Tensor, x1: torch.Tensor, t: fl
     ``sigma * noise_i``. ``velocity_fn(x, t)`` receives t as an (N,) tensor. Chapter 8.
     """
     with torch.no_grad():
-        r = _residual(velocity_fn, x0, x1, t, _check_sigma(sigma), noise)
+        r = _residual(velocity_fn, x0, x1, t, check_nonnegative_real(sigma, "sigma"), noise)
     return float(r.to(WIDE).square().sum(dim=1).mean())
 
 
@@ -447,7 +445,7 @@ def prediction_gradient_variance(velocity_fn: VelocityFn, x0: torch.Tensor, x1: 
     every pair (the deterministic regime at its memorising optimum). Chapter 8.
     """
     with torch.no_grad():
-        g = 2.0 * _residual(velocity_fn, x0, x1, t, _check_sigma(sigma), noise).to(WIDE)
+        g = 2.0 * _residual(velocity_fn, x0, x1, t, check_nonnegative_real(sigma, "sigma"), noise).to(WIDE)
     if g.shape[0] < 2:
         raise ValueError("the variance needs at least 2 pairs")
     return float((g - g.mean(dim=0)).square().sum() / (g.shape[0] - 1))
@@ -463,14 +461,13 @@ def parameter_gradient_variance(model: nn.Module, x0: torch.Tensor, x1: torch.Te
     (1/(N - 1)) sum_i ||G_i - mean_j G_j||^2, the trace of the covariance of the stochastic
     gradient of a batch of one. ``model(x, t)`` takes x (B, *S) and t (B,). Chapter 8.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_instance(model, "model", nn.Module, "a torch.nn.Module")
     x0, x1 = _check_pairs(x0, x1)
-    sigma = _check_sigma(sigma)
+    sigma = check_nonnegative_real(sigma, "sigma")
     if x0.shape[0] < 2:
         raise ValueError("the variance needs at least 2 pairs")
     xt = interpolant(x0, x1, t, sigma, noise)
-    tt = check_time(t, batch=x0.shape[0], dtype=x0.dtype, device=x0.device, name="t")
+    tt = time_per_row(t, x0)
     target = conditional_velocity(x0, x1, sigma_min=0.0)
     params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
     buffers = {k: b.detach() for k, b in model.named_buffers()}

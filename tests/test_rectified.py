@@ -281,7 +281,7 @@ def test_pair_field_input_checks():
         rf.pair_velocity(torch.zeros(3, 2), 0.5, x0, torch.zeros(5, 2), 0.1)
     with pytest.raises(ValueError, match="x must have shape"):
         rf.pair_velocity(torch.zeros(3, 3), 0.5, x0, x0, 0.1)
-    with pytest.raises(ValueError, match="dtype"):
+    with pytest.raises(TypeError, match=r"^x must have the dtype of x0 \(torch.float32\), got torch.float64"):
         rf.pair_velocity(torch.zeros(3, 2, dtype=torch.float64), 0.5, x0, x0, 0.1)
     with pytest.raises(ValueError, match="sigma"):
         rf.pair_weights(torch.zeros(3, 2), 0.5, x0, x0, float("nan"))
