@@ -101,6 +101,18 @@ def integrate(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""Solve dx/dt = velocity_fn(x, t) from x(t0) = x0 to t1 with a fixed step.
 
+    .. math::
+
+        t_k = t_0 + k h, \quad h = \frac{t_1 - t_0}{\text{steps}}, \qquad
+        \text{euler:}\ x_{k+1} = x_k + h\, u(x_k, t_k),
+
+        \text{heun:}\ x_{k+1} = x_k + \frac{h}{2}\big(u(x_k, t_k)
+        + u(x_k + h\, u(x_k, t_k), t_{k+1})\big),
+
+        \text{rk4:}\ x_{k+1} = x_k + \frac{h}{6}(k_1 + 2 k_2 + 2 k_3 + k_4), \quad
+        k_1 = u(x_k, t_k),\ k_2 = u(x_k + \tfrac{h}{2} k_1, t_k + \tfrac{h}{2}),\
+        k_3 = u(x_k + \tfrac{h}{2} k_2, t_k + \tfrac{h}{2}),\ k_4 = u(x_k + h k_3, t_{k+1})
+
     - ``velocity_fn(x, t)``: x of shape (B, *S), t a 0-d tensor of x's dtype and device;
       returns (B, *S). E.g. ``field.velocity`` with ``field = nwflow.EmpiricalField(support)``
       built once (``nwflow.velocity`` would rebuild it at every step), or a network.
@@ -114,6 +126,7 @@ def integrate(
     Returns x(t1) (B, *S), or with ``return_trajectory=True`` the tuple
     (x(t1), trajectory (steps + 1, B, *S) including x0, times (steps + 1,)).
     The grid is formed in float64 and cast, so fp32 and fp64 runs see the same times.
+    Chapter 4.
     """
     if not callable(velocity_fn):
         raise TypeError(f"velocity_fn must be callable, got {type(velocity_fn).__name__}")
@@ -153,17 +166,21 @@ def integrate_adaptive(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""Solve dx/dt = velocity_fn(x, t) with an adaptive step (``torchdiffeq.odeint``).
 
-    The step size is chosen so the local error estimate stays below atol + rtol |x|.
+    .. math:: x(t_1) = x_0 + \int_{t_0}^{t_1} u(x(s), s)\, ds, \qquad
+        \|e_k\| \le \text{atol} + \text{rtol}\, |x_k| \ \text{for every accepted step}
+
+    The step size is chosen so the local error estimate e_k stays below atol + rtol |x|.
     Dormand-Prince ("dopri5", the default) evaluates the field at the end of each
     accepted step, so for the exact field with sigma_min = 0 stop short of 1
     (``t1 = 1 - 1e-3``). Steps end on the recording grid, so the field is only evaluated
     at times between t0 and t1.
 
-    - ``velocity_fn(x, t)``: as in :func:`integrate` (t a 0-d tensor).
+    - ``velocity_fn(x, t)``: as in :func:`integrate` (x (B, *S), t a 0-d tensor); ``x0`` (B, *S).
     - ``times``: optional increasing (or decreasing) 1-d grid from t0 to t1 at which to
       record the solution; default [t0, t1].
 
     Returns x(t1), or with ``return_trajectory=True`` (x(t1), trajectory (len(times), B, *S), times).
+    Chapter 4.
     """
     import torchdiffeq
 
