@@ -1,6 +1,8 @@
 r"""Sample-quality and memorisation metrics.
 
-Book: Part II (failure regimes, rectified-flow memorisation) and Part III (scale).
+Book: chapter 4 (the exact field memorises: nearest-neighbour distances), chapters 5, 6
+and 8 (MMD between sample sets, memorisation of trained fields). The Frechet distance is
+here for the planned Part III (at scale); no chapter computes it yet.
 
 - Nearest-neighbour distance to a training set, exact and streamed over the training set
   (memory O(B chunk), never (B, n, D)).
@@ -16,10 +18,17 @@ in R^{CHW} with the Euclidean norm.
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 
+from nwflow._checks import (
+    check_float_tensor,
+    check_int,
+    check_optional_positive_int,
+    check_points,
+    check_positive_real,
+    check_real,
+    check_same_device,
+)
 from nwflow._precision import DEFAULT_CHUNK_BYTES, WIDE, WIDE_BYTES, chunk_rows, compute_dtype, exact_matmul
 
 __all__ = [
@@ -44,16 +53,9 @@ _EXTRA_CANDIDATES = 4
 
 def _flat(x: object, name: str, min_rows: int = 1) -> torch.Tensor:
     """(B, *S) finite floating tensor -> (B, D) view."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not torch.is_floating_point(x):
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-    if x.dim() < 1:
-        raise ValueError(f"{name} must have shape (N, *S), got a 0-d tensor")
-    if x.shape[0] < min_rows:
-        raise ValueError(f"{name} needs at least {min_rows} row(s), got {x.shape[0]}")
-    if x.numel() and not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} contains NaN or inf")
+    x = check_float_tensor(x, name)
+    if x.dim() < 1 or x.shape[0] < min_rows:
+        raise ValueError(f"{name} must have shape (N, *S) with N >= {min_rows}, got shape {tuple(x.shape)}")
     return x.reshape(x.shape[0], -1)
 
 
@@ -61,16 +63,9 @@ def _pair(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str) -> None:
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"{name_a} and {name_b} must have the same sample size, "
                          f"got {a.shape[1]} and {b.shape[1]} values per row")
-    if a.device != b.device:
-        raise ValueError(f"{name_a} is on {a.device} but {name_b} is on {b.device}")
+    check_same_device(a, b, name_a, name_b)
     if a.dtype != b.dtype:
-        raise TypeError(f"{name_a} has dtype {a.dtype} but {name_b} has dtype {b.dtype}")
-
-
-def _check_chunk(chunk_size: int | None) -> None:
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                   or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        raise TypeError(f"{name_b} must have the dtype of {name_a} ({a.dtype}), got {b.dtype}")
 
 
 def _knn(xf: torch.Tensor, tf: torch.Tensor, k: int, chunk_size: int | None
@@ -114,40 +109,48 @@ def _knn(xf: torch.Tensor, tf: torch.Tensor, k: int, chunk_size: int | None
 
 def nearest_neighbours(x: torch.Tensor, train: torch.Tensor, k: int = 1, chunk_size: int | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k nearest training points of each sample: (dist (B, k), index (B, k)), closest first.
+    r"""The k nearest training points of each sample: (dist (B, k), index (B, k)), closest first.
 
-    d_i(x) = i-th smallest ||x - x^(j)|| over the training set (flattened, Euclidean).
-    ``chunk_size`` training rows are compared at a time (default: a 256 MiB block);
-    the result does not depend on it. Distances are returned in the dtype of ``x``.
+    .. math:: d_i(x) = \text{the } i\text{-th smallest of } \|x - x^{(j)}\|, \ j = 1, \dots, n,
+        \qquad i = 1, \dots, k
+
+    Flattened, Euclidean; ``x`` (B, *S), ``train`` (n, *S). ``chunk_size`` training rows are
+    compared at a time (default: a 256 MiB block); the result does not depend on it.
+    Distances are returned in the dtype of ``x``. Chapter 4 (through the functions below).
     """
     xf, tf = _flat(x, "x"), _flat(train, "train")
     _pair(xf, tf, "x", "train")
-    _check_chunk(chunk_size)
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= tf.shape[0]:
-        raise ValueError(f"k must be an int in [1, {tf.shape[0]}] (the training set size), got {k!r}")
-    dist, idx = _knn(xf, tf, int(k), chunk_size)
+    check_optional_positive_int(chunk_size, "chunk_size")
+    k = check_int(k, "k", 1, tf.shape[0])  # at most the training set size
+    dist, idx = _knn(xf, tf, k, chunk_size)
     return dist.to(x.dtype), idx
 
 
 def nearest_neighbour_distance(x: torch.Tensor, train: torch.Tensor, chunk_size: int | None = None
                                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Distance to, and index of, the nearest training point: (dist (B,), index (B,)).
+    r"""Distance to, and index of, the nearest training point: (dist (B,), index (B,)).
 
-    d_1(x) = min_j ||x - x^(j)||, flattened Euclidean. Exact (the winner's distance is
+    .. math:: d_1(x) = \min_j \|x - x^{(j)}\|, \qquad j^\star(x) = \arg\min_j \|x - x^{(j)}\|
+
+    Flattened Euclidean; ``x`` (B, *S), ``train`` (n, *S). Exact (the winner's distance is
     recomputed directly, never a cancelled GEMM value); streamed over ``train`` in chunks.
+    Chapters 4, 6 and 8.
     """
     dist, idx = nearest_neighbours(x, train, k=1, chunk_size=chunk_size)
     return dist[:, 0], idx[:, 0]
 
 
 def leave_one_out_distance(train: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
-    """Each training point's distance to its nearest *other* training point, (n,).
+    r"""Each training point's distance to its nearest *other* training point, (n,).
 
-    The typical spacing of the data: a generated sample much closer to the training set
-    than these distances is suspicious. Duplicated training points give 0.
+    .. math:: d_{\rm loo}(x^{(i)}) = \min_{j \ne i} \|x^{(i)} - x^{(j)}\|
+
+    ``train`` (n, *S), n >= 2. The typical spacing of the data: a generated sample much
+    closer to the training set than these distances is suspicious. Duplicated training
+    points give 0. Chapters 3 and 4 (also 6 and 8).
     """
     tf = _flat(train, "train", min_rows=2)
-    _check_chunk(chunk_size)
+    check_optional_positive_int(chunk_size, "chunk_size")
     dist, idx = _knn(tf, tf, 2, chunk_size)
     # The point itself is at distance exactly 0 and sorts first unless a duplicate ties with
     # it; either way the other of the two is at the leave-one-out distance.
@@ -157,30 +160,30 @@ def leave_one_out_distance(train: torch.Tensor, chunk_size: int | None = None) -
 
 def nn_distance_ratio(samples: torch.Tensor, train: torch.Tensor, chunk_size: int | None = None
                       ) -> torch.Tensor:
-    """d_1(x) / d_2(x): nearest over second-nearest training distance, (B,), in [0, 1].
+    r"""Nearest over second-nearest training distance, (B,) for ``samples`` (B, *S), in [0, 1].
+
+    .. math:: r(x) = \frac{d_1(x)}{d_2(x)}, \qquad r(x) = 0 \ \text{when } d_1(x) = 0
 
     Near 0 for a copy of one training point; near 1 for a sample far from all of them.
-    Defined as 0 when d_1 = 0 (an exact copy, even of a duplicated training point).
+    Defined as 0 when d_1 = 0 (an exact copy, even of a duplicated training point). The
+    quantity that :func:`memorised` thresholds (chapters 4, 6 and 8).
     """
     dist, _ = nearest_neighbours(samples, train, k=2, chunk_size=chunk_size)
     d1, d2 = dist[:, 0].to(WIDE), dist[:, 1].to(WIDE)
     return torch.where(d1 == 0, torch.zeros_like(d1), d1 / d2).to(samples.dtype)
 
 
-def _check_ratio(ratio: float) -> float:
-    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0.0 < float(ratio) <= 1.0:
-        raise ValueError(f"ratio must be a number in (0, 1], got {ratio!r}")
-    return float(ratio)
-
-
 def memorised(samples: torch.Tensor, train: torch.Tensor, ratio: float = 1 / 3,
               chunk_size: int | None = None) -> torch.Tensor:
-    """Which samples are copies: d_1(x) < ratio * d_2(x) (or d_1(x) = 0); (B,) bool.
+    r"""Which samples are copies, (B,) bool for ``samples`` (B, *S), ``train`` (n, *S), n >= 2.
+
+    .. math:: \text{copy}(x) = \big[d_1(x) < \rho\, d_2(x)\big] \lor \big[d_1(x) = 0\big],
+        \qquad \rho = \text{ratio}
 
     The criterion of Yoon et al. (2023) and Gu et al. (2023), with ratio = 1/3: the nearest
-    training point is at least three times closer than the second nearest.
+    training point is at least three times closer than the second nearest. Chapters 6 and 8.
     """
-    ratio = _check_ratio(ratio)
+    ratio = check_real(ratio, "ratio", 0.0, 1.0, low_open=True)
     dist, _ = nearest_neighbours(samples, train, k=2, chunk_size=chunk_size)
     d1, d2 = dist[:, 0].to(WIDE), dist[:, 1].to(WIDE)
     return (d1 < ratio * d2) | (d1 == 0)
@@ -190,19 +193,24 @@ def memorisation_rate(samples: torch.Tensor, train: torch.Tensor, ratio: float =
                       chunk_size: int | None = None) -> float:
     r"""Fraction of samples that copy a training point, mean over x of 1[d_1(x) < ratio d_2(x)].
 
-    d_1, d_2: distances to the nearest and second-nearest training points (flattened,
-    Euclidean). ratio = 1/3 is the standard threshold (Yoon et al. 2023, "Diffusion
+    .. math:: \frac{1}{B} \sum_{b=1}^B \text{copy}(x_b)
+
+    with copy(x) of :func:`memorised`; ``samples`` (B, *S), ``train`` (n, *S). d_1, d_2:
+    distances to the nearest and second-nearest training points (flattened, Euclidean). ratio = 1/3 is the standard threshold (Yoon et al. 2023, "Diffusion
     probabilistic models generalize when they fail to memorize"; Gu et al. 2023, "On
     memorization in diffusion models"). An exact copy (d_1 = 0) always counts. The
-    training set needs at least two points. Book: Part II, memorisation chapters.
+    training set needs at least two points. Chapters 4, 6 and 8.
     """
     return float(memorised(samples, train, ratio=ratio, chunk_size=chunk_size).to(WIDE).mean())
 
 
 def cosine_similarity(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """Per-row cosine <a_i, b_i> / (||a_i|| ||b_i||) of flattened rows, (B,), in the dtype of ``a``.
+    r"""Per-row cosine of flattened rows, (B,) for ``a`` and ``b`` (B, *S), in the dtype of ``a``.
+
+    .. math:: \cos(a_i, b_i) = \frac{\langle a_i, b_i \rangle}{\|a_i\|\, \|b_i\|}
 
     Computed in float64. A row with norm below ``eps`` gives 0 (its direction is undefined).
+    Chapter 6 (:func:`nwflow.efm.alignment`).
     """
     af, bf = _flat(a, "a"), _flat(b, "b")
     if a.shape != b.shape:
@@ -223,15 +231,17 @@ def _sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def median_distance(z: torch.Tensor, max_points: int = 2048) -> float:
-    """Median of the pairwise distances ||z_i - z_j||, i < j, of the rows of ``z`` (flattened).
+    r"""Median of the pairwise distances of the rows of ``z`` (n, *S) (flattened), a number.
+
+    .. math:: h = \operatorname{median}\{\|z_i - z_j\| : i < j\}
 
     The median of the n(n-1)/2 distinct-pair distances (numpy's median: the mean of the two
     middle values when their count is even). With more than ``max_points`` rows it uses
     ``max_points`` evenly spaced rows (deterministic) to bound memory at O(max_points^2).
+    The median heuristic for the MMD bandwidth, chapter 5.
     """
     zf = _flat(z, "z", min_rows=2)
-    if isinstance(max_points, bool) or not isinstance(max_points, int) or max_points < 2:
-        raise ValueError(f"max_points must be an int >= 2, got {max_points!r}")
+    check_int(max_points, "max_points", minimum=2)
     if zf.shape[0] > max_points:
         zf = zf[torch.linspace(0, zf.shape[0] - 1, max_points).round().long()]
     z64 = zf.to(WIDE)
@@ -258,28 +268,27 @@ def mmd2_unbiased(x: torch.Tensor, y: torch.Tensor, bandwidth: float | None = No
                   chunk_size: int | None = None) -> float:
     r"""Unbiased squared maximum mean discrepancy with a Gaussian kernel.
 
-    MMD_u^2 = 1/(m(m-1)) sum_{i != j} k(x_i, x_j) + 1/(n(n-1)) sum_{i != j} k(y_i, y_j)
-              - 2/(m n) sum_{i, j} k(x_i, y_j),    k(a, b) = exp(-||a - b||^2 / (2 h^2))
+    .. math:: \mathrm{MMD}_u^2 = \frac{1}{m(m-1)} \sum_{i \ne j} k(x_i, x_j)
+        + \frac{1}{n(n-1)} \sum_{i \ne j} k(y_i, y_j) - \frac{2}{m n} \sum_{i, j} k(x_i, y_j),
+        \qquad k(a, b) = e^{-\|a - b\|^2 / (2 h^2)}
 
     (Gretton et al. 2012, eq. 3). It is an unbiased estimate of MMD^2, so it can be
     negative when the two distributions are equal. ``bandwidth`` h > 0; when None, the
     median heuristic: h = median of the pairwise distances of the pooled sample [x; y]
     (see :func:`median_distance`). Rows are flattened; computed in float64, ``chunk_size``
     rows at a time (default: blocks of 32 MiB). x: (m, *S), y: (n, *S) with m, n >= 2.
+    Chapters 5, 6 and 8.
     """
     xf, yf = _flat(x, "x", min_rows=2), _flat(y, "y", min_rows=2)
     _pair(xf, yf, "x", "y")
-    _check_chunk(chunk_size)
+    check_optional_positive_int(chunk_size, "chunk_size")
     x64, y64 = xf.to(WIDE), yf.to(WIDE)
     if bandwidth is None:
         h = median_distance(torch.cat([x64, y64]))
         if h == 0.0:
             raise ValueError("the median pairwise distance is 0 (mostly identical points): pass bandwidth")
     else:
-        if isinstance(bandwidth, bool) or not isinstance(bandwidth, numbers.Real) \
-                or not 0.0 < float(bandwidth) < float("inf"):
-            raise ValueError(f"bandwidth must be a positive finite number or None, got {bandwidth!r}")
-        h = float(bandwidth)
+        h = check_positive_real(bandwidth, "bandwidth")
     gamma = 1.0 / (2.0 * h * h)
     # Default: (chunk, max(m, n)) wide kernel blocks of WIDE_BYTES.
     m, n = x64.shape[0], y64.shape[0]
@@ -301,17 +310,19 @@ def gaussian_frechet_distance(mu_a: torch.Tensor, cov_a: torch.Tensor,
                               mu_b: torch.Tensor, cov_b: torch.Tensor) -> float:
     r"""Frechet (2-Wasserstein squared) distance between N(mu_a, Sigma_a) and N(mu_b, Sigma_b).
 
-    d^2 = ||mu_a - mu_b||^2 + tr(Sigma_a + Sigma_b - 2 (Sigma_a^{1/2} Sigma_b Sigma_a^{1/2})^{1/2})
+    .. math:: d^2 = \|\mu_a - \mu_b\|^2 + \operatorname{tr}\Big(\Sigma_a + \Sigma_b
+        - 2 \big(\Sigma_a^{1/2} \Sigma_b \Sigma_a^{1/2}\big)^{1/2}\Big)
 
     (Dowson and Landau 1982). tr((Sigma_a Sigma_b)^{1/2}) is computed as the sum of the
     square roots of the eigenvalues of the symmetric PSD matrix Sigma_a^{1/2} Sigma_b
     Sigma_a^{1/2}, in float64: real by construction, so there is no imaginary part to
     discard (unlike scipy.linalg.sqrtm of the non-symmetric product). Shapes: (D,), (D, D).
+    No chapter computes it yet (chapter 6 quotes the paper's FID); the planned Part III will.
     """
     mus, covs = [], []
     for name, mu, cov in (("mu_a", mu_a, cov_a), ("mu_b", mu_b, cov_b)):
-        if not isinstance(mu, torch.Tensor) or not isinstance(cov, torch.Tensor):
-            raise TypeError(f"{name} and its covariance must be torch.Tensors")
+        check_float_tensor(mu, name)
+        check_float_tensor(cov, "cov" + name[2:])
         if mu.dim() != 1 or cov.shape != (mu.shape[0], mu.shape[0]):
             raise ValueError(f"{name} must be (D,) with a (D, D) covariance, got {tuple(mu.shape)} "
                              f"and {tuple(cov.shape)}")
@@ -330,16 +341,19 @@ def gaussian_frechet_distance(mu_a: torch.Tensor, cov_a: torch.Tensor,
 def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
     r"""Frechet distance between Gaussian fits of two feature sets (the FID formula).
 
+    .. math:: \mu = \frac{1}{N} \sum_i f_i, \qquad
+        \Sigma = \frac{1}{N - 1} \sum_i (f_i - \mu)(f_i - \mu)^\top, \qquad
+        d^2 = d^2_{\rm Frechet}\big(N(\mu_a, \Sigma_a), N(\mu_b, \Sigma_b)\big)
+
     Fits mu = mean and Sigma = unbiased covariance (divisor N - 1, as numpy.cov and the
     reference FID code) to each set of rows, in float64, then applies
     :func:`gaussian_frechet_distance`. ``feats_a`` (N_a, D), ``feats_b`` (N_b, D), N >= 2.
     With features from an image network this is FID (Heusel et al. 2017); with raw pixels
-    or toy coordinates it is the same distance in that space. Book: Part III.
+    or toy coordinates it is the same distance in that space. No chapter computes it yet
+    (chapter 6 quotes the paper's FID); the planned Part III (at scale) will.
     """
-    fa, fb = _flat(feats_a, "feats_a", min_rows=2), _flat(feats_b, "feats_b", min_rows=2)
-    if feats_a.dim() != 2 or feats_b.dim() != 2:
-        raise ValueError(f"feats_a and feats_b must be 2-D (N, D), got {tuple(feats_a.shape)} and "
-                         f"{tuple(feats_b.shape)}")
+    fa = check_points(feats_a, "feats_a", min_rows=2, rows="N")
+    fb = check_points(feats_b, "feats_b", min_rows=2, rows="N")
     if fa.shape[1] != fb.shape[1]:
         raise ValueError(f"feats_a and feats_b must have the same feature size, got {fa.shape[1]} "
                          f"and {fb.shape[1]}")
