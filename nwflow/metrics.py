@@ -196,10 +196,11 @@ def memorisation_rate(samples: torch.Tensor, train: torch.Tensor, ratio: float =
     .. math:: \frac{1}{B} \sum_{b=1}^B \text{copy}(x_b)
 
     with copy(x) of :func:`memorised`; ``samples`` (B, *S), ``train`` (n, *S). d_1, d_2:
-    distances to the nearest and second-nearest training points (flattened, Euclidean). ratio = 1/3 is the standard threshold (Yoon et al. 2023, "Diffusion
-    probabilistic models generalize when they fail to memorize"; Gu et al. 2023, "On
-    memorization in diffusion models"). An exact copy (d_1 = 0) always counts. The
-    training set needs at least two points. Chapters 4, 6 and 8.
+    distances to the nearest and second-nearest training points (flattened, Euclidean).
+    ratio = 1/3 is the standard threshold (Yoon et al. 2023, "Diffusion probabilistic models
+    generalize when they fail to memorize"; Gu et al. 2023, "On memorization in diffusion
+    models"). An exact copy (d_1 = 0) always counts. The training set needs at least two
+    points. Chapters 4, 6 and 8.
     """
     return float(memorised(samples, train, ratio=ratio, chunk_size=chunk_size).to(WIDE).mean())
 
