@@ -22,12 +22,19 @@ its value at t1. A regular field (a network, or sigma_min > 0) needs neither.
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable
 
 import torch
 
+from nwflow._checks import (
+    check_callable,
+    check_choice,
+    check_float_tensor,
+    check_instance,
+    check_positive_int,
+    check_positive_real,
+    check_probability,
+)
 from nwflow._progress import progress_bar
 
 __all__ = ["integrate", "integrate_adaptive", "METHODS", "ADAPTIVE_METHODS"]
@@ -63,29 +70,10 @@ ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 
 
 def _check_times(t0: object, t1: object) -> tuple[float, float]:
-    for name, value in (("t0", t0), ("t1", t1)):
-        if isinstance(value, torch.Tensor):
-            if value.numel() != 1:
-                raise TypeError(f"{name} must be a number, got a tensor of shape {tuple(value.shape)}")
-            value = value.item()
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-        if not math.isfinite(value) or not 0.0 <= value <= 1.0:
-            raise ValueError(f"{name} must lie in [0, 1] (t = 0 noise, t = 1 data), got {value}")
-    t0, t1 = float(t0), float(t1)
+    t0, t1 = check_probability(t0, "t0"), check_probability(t1, "t1")  # t = 0 noise, t = 1 data
     if t0 == t1:
         raise ValueError(f"t0 and t1 must differ, got t0 = t1 = {t0}")
     return t0, t1
-
-
-def _check_x0(x0: object) -> torch.Tensor:
-    if not isinstance(x0, torch.Tensor):
-        raise TypeError(f"x0 must be a torch.Tensor, got {type(x0).__name__}")
-    if not torch.is_floating_point(x0):
-        raise TypeError(f"x0 must be a floating-point tensor, got dtype {x0.dtype}")
-    if x0.numel() and not bool(torch.isfinite(x0).all()):
-        raise ValueError("x0 contains NaN or inf")
-    return x0
 
 
 def integrate(
@@ -128,14 +116,11 @@ def integrate(
     The grid is formed in float64 and cast, so fp32 and fp64 runs see the same times.
     Chapter 4.
     """
-    if not callable(velocity_fn):
-        raise TypeError(f"velocity_fn must be callable, got {type(velocity_fn).__name__}")
-    x = _check_x0(x0)
+    check_callable(velocity_fn, "velocity_fn")
+    x = check_float_tensor(x0, "x0")
     t0, t1 = _check_times(t0, t1)
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+    steps = check_positive_int(steps, "steps")
+    check_choice(method, "method", sorted(METHODS))
     step = METHODS[method]
     times64 = torch.linspace(t0, t1, int(steps) + 1, dtype=torch.float64)
     times = times64.to(device=x.device, dtype=x.dtype)
@@ -184,20 +169,17 @@ def integrate_adaptive(
     """
     import torchdiffeq
 
-    if not callable(velocity_fn):
-        raise TypeError(f"velocity_fn must be callable, got {type(velocity_fn).__name__}")
-    if method not in ADAPTIVE_METHODS:
-        raise ValueError(f"method must be one of {ADAPTIVE_METHODS}, got {method!r}")
-    x = _check_x0(x0)
+    check_callable(velocity_fn, "velocity_fn")
+    check_choice(method, "method", ADAPTIVE_METHODS)
+    x = check_float_tensor(x0, "x0")
     t0, t1 = _check_times(t0, t1)
-    for name, tol in (("rtol", rtol), ("atol", atol)):
-        if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not tol > 0:
-            raise ValueError(f"{name} must be a positive number, got {tol!r}")
+    rtol, atol = check_positive_real(rtol, "rtol"), check_positive_real(atol, "atol")
     if times is None:
         grid = torch.tensor([t0, t1], dtype=x.dtype, device=x.device)
     else:
-        if not isinstance(times, torch.Tensor) or times.dim() != 1 or times.numel() < 2:
-            raise ValueError("times must be a 1-d tensor with at least two entries")
+        check_instance(times, "times", torch.Tensor, "a torch.Tensor")
+        if times.dim() != 1 or times.numel() < 2:
+            raise ValueError(f"times must have shape (K,) with K >= 2, got shape {tuple(times.shape)}")
         grid = times.to(device=x.device, dtype=x.dtype)
         d = torch.diff(grid)
         if not (bool((d > 0).all()) or bool((d < 0).all())):
