@@ -27,7 +27,6 @@ bar) through :class:`PackedTasks`, which carries queries and support in one tens
 from __future__ import annotations
 
 import math
-import numbers
 import os
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -37,11 +36,19 @@ import torch
 from scipy.stats import rankdata
 from torch import nn
 
+from nwflow._checks import (
+    check_choice,
+    check_float_tensor,
+    check_instance,
+    check_nonnegative_real,
+    check_positive_int,
+    check_real,
+)
 from nwflow._precision import WIDE, exact_matmul
 from nwflow._stream import softmax_mean
 from nwflow.data.toy import gaussian_mixture, spherical_shells
 from nwflow.models.mlp import TimeEmbedding
-from nwflow.path import sigma
+from nwflow.path import conditional_velocity, sample_xt, sigma, time_per_row
 from nwflow.solvers import integrate
 from nwflow.train import train_velocity
 
@@ -94,9 +101,7 @@ class TaskConfig:
     def __post_init__(self) -> None:
         for name in ("dim", "support_size", "query_size", "min_components", "max_components",
                      "min_shells", "max_shells"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_positive_int(getattr(self, name), name)
         if self.min_components > self.max_components or self.min_shells > self.max_shells:
             raise ValueError("min_components/min_shells must not exceed max_components/max_shells")
         fams = tuple(self.families)
@@ -108,10 +113,8 @@ class TaskConfig:
             if not 0 < lo <= hi:
                 raise ValueError(f"{name} must be (low, high) with 0 < low <= high, got {(lo, hi)}")
             object.__setattr__(self, name, (float(lo), float(hi)))
-        if not self.max_anisotropy >= 1.0:
-            raise ValueError(f"max_anisotropy must be >= 1, got {self.max_anisotropy}")
-        if not self.shell_noise >= 0.0:
-            raise ValueError(f"shell_noise must be >= 0, got {self.shell_noise}")
+        check_real(self.max_anisotropy, "max_anisotropy", low=1.0)
+        check_nonnegative_real(self.shell_noise, "shell_noise")
 
 
 def _uniform(g: torch.Generator, lo: float, hi: float) -> float:
@@ -142,13 +145,10 @@ def sample_tasks(config: TaskConfig, n_tasks: int, n_heldout: int, generator: to
     family of each task is drawn uniformly from ``config.families`` unless ``family`` fixes
     it. Deterministic given the generator's state.
     """
-    if not isinstance(config, TaskConfig):
-        raise TypeError(f"config must be a TaskConfig, got {type(config).__name__}")
-    for name, value in (("n_tasks", n_tasks), ("n_heldout", n_heldout)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if family is not None and family not in FAMILIES:
-        raise ValueError(f"family must be one of {FAMILIES} or None, got {family!r}")
+    check_instance(config, "config", TaskConfig)
+    check_positive_int(n_tasks, "n_tasks")
+    check_positive_int(n_heldout, "n_heldout")
+    check_choice(family, "family", (*FAMILIES, None))
     m = config.support_size
     supports, heldouts, fams = [], [], []
     for _ in range(n_tasks):
@@ -163,23 +163,21 @@ def sample_tasks(config: TaskConfig, n_tasks: int, n_heldout: int, generator: to
 # -- the exact head, batched over tasks ----------------------------------------------------
 def _time(t: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """t as a (T, N) float64 tensor for queries x of shape (T, N, d)."""
+    # The path's rule with one more layout: per query (T, N) as well as per task (T,), so the
+    # (T, N) form is checked as the flattened queries' per-row time.
     T, N = x.shape[:2]
-    tt = torch.as_tensor(t, dtype=WIDE, device=x.device)
-    if tt.dim() == 0:
-        tt = tt.expand(T, N)
-    elif tt.shape == (T,):
-        tt = tt[:, None].expand(T, N)
-    elif tt.shape != (T, N):
-        raise ValueError(f"t must be a number, or have shape ({T},) or ({T}, {N}), got {tuple(tt.shape)}")
-    if not bool(torch.isfinite(tt).all()) or float(tt.min()) < 0 or float(tt.max()) > 1:
-        raise ValueError("t must lie in [0, 1]")
-    return tt
+    if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape not in ((T,), (T, N)):
+        raise ValueError(f"t must be a number, or have shape ({T},) or ({T}, {N}), "
+                         f"got shape {tuple(t.shape)}")
+    if isinstance(t, torch.Tensor) and t.dim() == 2:
+        return time_per_row(t.reshape(-1), x.reshape(T * N, -1), dtype=WIDE).reshape(T, N)
+    return time_per_row(t, x, dtype=WIDE)[:, None].expand(T, N)
 
 
 def _check_pair(x: torch.Tensor, support: torch.Tensor) -> None:
     for name, v in (("x", x), ("support", support)):
-        if not isinstance(v, torch.Tensor) or not torch.is_floating_point(v) or v.dim() != 3:
-            raise TypeError(f"{name} must be a floating-point (T, *, d) torch.Tensor")
+        if check_float_tensor(v, name).dim() != 3:
+            raise ValueError(f"{name} must have shape (T, *, d), got shape {tuple(v.shape)}")
     if x.shape[0] != support.shape[0] or x.shape[2] != support.shape[2]:
         raise ValueError(f"x {tuple(x.shape)} and support {tuple(support.shape)} must share T and d")
     if support.shape[1] == 0:
@@ -216,11 +214,8 @@ def support_posterior(x: torch.Tensor, t: float | torch.Tensor, support: torch.T
 def _plug_in_numerator(x: torch.Tensor, tt: torch.Tensor, support: torch.Tensor,
                        sigma_min: float) -> torch.Tensor:
     """sigma_t u_NW = m_NW - (1 - sigma_min) x per task, (T, N, d) in the wide dtype."""
-    logits = support_logits(x, tt, support, sigma_min)
-    values = support.to(WIDE)
-    # Each task has its own support (its own values) and softmax_mean takes one (m, d) set of
-    # values, so it is called once per task.
-    m = torch.stack([softmax_mean(logits[k], values[k]) for k in range(x.shape[0])])
+    # One call for all tasks: (T, N, m) logits with each task's own (T, m, d) support as values.
+    m = softmax_mean(support_logits(x, tt, support, sigma_min), support.to(WIDE))
     return m - (1.0 - sigma_min) * x.to(WIDE)
 
 
@@ -303,11 +298,9 @@ class SupportConditionedVelocity(nn.Module):
                  exact_head: bool = True, sigma_min: float = 0.01) -> None:
         super().__init__()
         for name, value in (("dim", dim), ("width", width), ("heads", heads), ("layers", layers)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not isinstance(sigma_min, numbers.Real) or not 0.0 < sigma_min < 1.0:
-            # sigma_min > 0 keeps the exact head finite at t = 1, where samplers end.
-            raise ValueError(f"sigma_min must lie in (0, 1), got {sigma_min!r}")
+            check_positive_int(value, name)
+        # sigma_min > 0 keeps the exact head finite at t = 1, where samplers end.
+        check_real(sigma_min, "sigma_min", 0.0, 1.0, low_open=True, high_open=True)
         self.dim, self.exact_head, self.sigma_min = dim, bool(exact_head), float(sigma_min)
         self.embed = TimeEmbedding(time_dim)
         self.query_in = nn.Sequential(nn.Linear(dim + time_dim, width), nn.GELU(), nn.Linear(width, width))
@@ -374,9 +367,8 @@ def flow_matching_batch(config: TaskConfig, n_tasks: int, generator: torch.Gener
     support, x1, _ = sample_tasks(config, n_tasks, config.query_size, generator)
     x0 = torch.randn(x1.shape, generator=generator)
     t = torch.rand(x1.shape[:2], generator=generator)
-    s = 1.0 - (1.0 - sigma_min) * t
-    xt = s[..., None] * x0 + t[..., None] * x1
-    return torch.cat([xt, support], dim=1), t, x1 - (1.0 - sigma_min) * x0
+    xt = sample_xt(x0.flatten(0, 1), x1.flatten(0, 1), t.flatten(), sigma_min).reshape(x1.shape)
+    return torch.cat([xt, support], dim=1), t, conditional_velocity(x0, x1, sigma_min)
 
 
 def train_conditioner(model: SupportConditionedVelocity, config: TaskConfig, steps: int,
@@ -389,8 +381,7 @@ def train_conditioner(model: SupportConditionedVelocity, config: TaskConfig, ste
     checkpoint (atomic, resumable) records the task and model configuration, so a resumed
     run must use the same ones. Returns the loss history ``{"step": [...], "loss": [...]}``.
     """
-    if not isinstance(model, SupportConditionedVelocity):
-        raise TypeError(f"model must be a SupportConditionedVelocity, got {type(model).__name__}")
+    check_instance(model, "model", SupportConditionedVelocity)
     if model.dim != config.dim:
         raise ValueError(f"model.dim = {model.dim} but config.dim = {config.dim}")
     run_config: dict[str, Any] = {"task": asdict(config), "n_tasks": n_tasks, "lr": lr, "seed": seed,
@@ -434,8 +425,8 @@ def fm_error_over_t(field, support: torch.Tensor, heldout: torch.Tensor, times: 
     out = []
     for t in times:
         x0 = torch.randn(heldout.shape, generator=generator).to(heldout.device)
-        xt = (1.0 - (1.0 - sigma_min) * t) * x0 + t * heldout
-        target = heldout - (1.0 - sigma_min) * x0
+        xt = sample_xt(x0, heldout, t, sigma_min)
+        target = conditional_velocity(x0, heldout, sigma_min)
         v = field(xt, torch.tensor(t, device=heldout.device), support)
         out.append(float((v - target).square().sum(-1).mean()))
     return np.array(out)
