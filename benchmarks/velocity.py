@@ -9,13 +9,16 @@ Methods, all computing u(x, t) = (m - x) / sigma_t with m the softmax-weighted s
 - ``two_gemm``: logits = one ``addmm`` (x X^T scaled, minus the key norms, computed in the
   call), softmax, mean = a second matrix product. The plain fast implementation.
 - ``two_gemm_pre``: the same with the key norms computed once beforehand.
+- ``sdpa`` / ``sdpa_pre``: torch's ``scaled_dot_product_attention`` (a fused kernel) with the
+  key norms as an additive float mask, computed in the call / beforehand: the peer to beat.
 - ``cdist``: the naive one: squared ``torch.cdist`` distances to t X, softmax, mean.
 - ``nwflow``: :func:`nwflow.velocity` (builds its centre and key norms in the call).
 - ``field``: :meth:`nwflow.EmpiricalField.velocity` with the field built beforehand.
 
 Times are medians over ``--repeats`` rounds; within a round the methods run one after the
 other in a rotating order, so a slow spell on a shared machine hits all of them. Ratios:
-``nwflow / two_gemm``, ``field / two_gemm_pre``, ``cdist / two_gemm``, from wall-clock
+``nwflow / two_gemm``, ``field / two_gemm_pre``, ``nwflow / sdpa``, ``field / sdpa_pre``,
+``sdpa / two_gemm``, ``cdist / two_gemm``, from wall-clock
 times and (``cpu_time_ratios``) from the process's CPU time, which on a shared machine
 tracks the work done better than the wall clock (with one thread it is the work; with
 several it also counts threads waiting at barriers).
@@ -42,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 import nwflow
 from nwflow._io import write_json_atomic
@@ -53,9 +57,10 @@ ROOT = Path(__file__).resolve().parent
 DEFAULT_CONFIGS = [(20000, 3072, 64), (50000, 3072, 16), (50000, 3072, 64), (50000, 3072, 256),
                    (400000, 768, 16)]
 QUICK_CONFIGS = [(3000, 64, 8), (1000, 32, 4)]
-METHODS = ["two_gemm", "two_gemm_pre", "cdist", "nwflow", "field"]
+METHODS = ["two_gemm", "two_gemm_pre", "sdpa", "sdpa_pre", "cdist", "nwflow", "field"]
 RATIOS = {"nwflow/two_gemm": ("nwflow", "two_gemm"), "field/two_gemm_pre": ("field", "two_gemm_pre"),
-          "cdist/two_gemm": ("cdist", "two_gemm")}
+          "nwflow/sdpa": ("nwflow", "sdpa"), "field/sdpa_pre": ("field", "sdpa_pre"),
+          "sdpa/two_gemm": ("sdpa", "two_gemm"), "cdist/two_gemm": ("cdist", "two_gemm")}
 
 
 # -- the references -----------------------------------------------------------------------
@@ -66,6 +71,18 @@ def two_gemm(x: torch.Tensor, t: float, X: torch.Tensor, norms: torch.Tensor | N
         norms = torch.linalg.vector_norm(X, dim=1).square()
     logits = torch.addmm(norms[None, :], x, X.T, beta=-t * t / (2 * s2), alpha=t / s2)
     m = torch.softmax(logits, dim=1) @ X
+    return (m - x) / (1.0 - t)
+
+
+def sdpa(x: torch.Tensor, t: float, X: torch.Tensor, norms: torch.Tensor | None = None) -> torch.Tensor:
+    """torch's fused attention: scaled_dot_product_attention with scale t / sigma^2 and the key
+    norms as an additive float mask, -t^2 ||X||^2 / (2 sigma^2); then (m - x) / sigma."""
+    s2 = (1.0 - t) ** 2
+    if norms is None:
+        norms = torch.linalg.vector_norm(X, dim=1).square()
+    bias = (norms * (-t * t / (2 * s2))).view(1, 1, 1, -1)
+    m = F.scaled_dot_product_attention(x[None, None], X[None, None], X[None, None], attn_mask=bias,
+                                       scale=t / s2)[0, 0]
     return (m - x) / (1.0 - t)
 
 
@@ -94,6 +111,10 @@ def method_fn(name: str, x: torch.Tensor, t: float, X: torch.Tensor,
         return lambda: two_gemm(x, t, X)
     if name == "two_gemm_pre":
         return lambda: two_gemm(x, t, X, norms)
+    if name == "sdpa":
+        return lambda: sdpa(x, t, X)
+    if name == "sdpa_pre":
+        return lambda: sdpa(x, t, X, norms)
     if name == "cdist":
         return lambda: cdist_softmax(x, t, X)
     if name == "nwflow":
@@ -123,7 +144,7 @@ def cpu_peak_child(name: str, n: int, D: int, B: int, t: float) -> dict[str, Any
     """Run one method once in this (fresh) process; return its extra peak RSS in bytes."""
     X, x = make_problem(n, D, B, t, torch.device("cpu"))
     field = EmpiricalField(X) if name == "field" else None
-    norms = torch.linalg.vector_norm(X, dim=1).square() if name == "two_gemm_pre" else None
+    norms = torch.linalg.vector_norm(X, dim=1).square() if name.endswith("_pre") else None
     fn = method_fn(name, x, t, X, field, norms)
     rss_before = _status_kib("VmRSS")
     try:

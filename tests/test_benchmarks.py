@@ -30,7 +30,7 @@ def test_quick_run_writes_json(tmp_path):
     assert prov["device"] == "cpu" and prov["versions"]["torch"]
     assert record["threads"] == 1 and record["cpu_model"]
     methods = record["methods"]
-    assert set(methods) == {"two_gemm", "two_gemm_pre", "cdist", "nwflow", "field"}
+    assert set(methods) == {"two_gemm", "two_gemm_pre", "sdpa", "sdpa_pre", "cdist", "nwflow", "field"}
     configs = [(r["n"], r["D"], r["B"], r["t"]) for r in record["results"]]
     assert configs == [(500, 16, 4, 0.5), (500, 16, 4, 0.9)]
     for r in record["results"]:
