@@ -1,5 +1,5 @@
-# Two entry points: `make book` (the website) and `make test` (the whole suite); `make lint`
-# and `make bench` (benchmarks/velocity.py) beside them. All create $(VENV) if it is
+# Two entry points: `make book` (the website) and `make test` (the whole suite); `make lint`,
+# `make bench` (benchmarks/velocity.py) and `make assignments` (the course's notebooks) beside them. All create $(VENV) if it is
 # missing. torch is installed first, and only when the environment has none, so a GPU
 # user's CUDA build is kept; torch==2.13.0 is the CPU wheel that lies on the development
 # machines' disk.
@@ -12,7 +12,7 @@ NWFLOW_DATA_DIR ?= $(wildcard $(abspath ../shared/data))
 export NWFLOW_DATA_DIR
 SITE_CHECK_OUT := _build/site-check
 
-.PHONY: book test unit notebooks site-check lint bench clean setup-book setup-test
+.PHONY: book test unit notebooks site-check lint bench clean setup-book setup-test assignments
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -45,9 +45,25 @@ test: $(VENV)/.test
 unit: $(VENV)/.test
 	$(PY) -m pytest -n 2 --dist loadfile tests || [ $$? -eq 5 ]
 
+# The assignments are graded by tests/test_assignments.py (otter run), not by nbval: a student
+# notebook is unfilled and must not run top to bottom.
 notebooks: $(VENV)/.test
 	NWFLOW_FAST=1 $(PY) -m pytest -n 2 --dist loadfile --nbval-lax --nbval-current-env \
-	  -p no:cacheprovider book || [ $$? -eq 5 ]
+	  -p no:cacheprovider --ignore=book/assignments book || [ $$? -eq 5 ]
+
+# Every master notebook book/assignments/<name>/<name>.ipynb through `otter assign` (which also
+# checks that the solutions pass every test) into $(ASSIGNMENTS_OUT)/<name>/student and
+# .../autograder (zip + solution notebook); the student copy is then refreshed in
+# book/assignments/<name>/student/, the page the website shows (commit it with the master).
+ASSIGNMENTS_OUT := _build/assignments
+assignments: $(VENV)/.test
+	@set -e; for master in book/assignments/*/*.ipynb; do \
+	  name=$$(basename $$master .ipynb); out=$(abspath $(ASSIGNMENTS_OUT))/$$name; \
+	  echo "otter assign $$master -> $$out"; rm -rf $$out; \
+	  (cd $$(dirname $$master) && OMP_NUM_THREADS=1 $(abspath $(BIN))/otter assign $$name.ipynb $$out); \
+	  mkdir -p $$(dirname $$master)/student; \
+	  cp $$out/student/$$name.ipynb $$(dirname $$master)/student/$$name.ipynb; \
+	done
 
 # Build the site in fast mode into its own folder (its notebook cache must not leak into
 # `make book`), then open every page in headless Chromium when the machine has one.
