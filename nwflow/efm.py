@@ -36,12 +36,22 @@ which is biased. M = 1 is CFM exactly: the softmax over one point is 1.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Iterator
 
 import torch
 
-from nwflow._checks import check_float_tensor, check_same_shape, check_sigma_min
+from nwflow._checks import (
+    check_callable,
+    check_float_tensor,
+    check_optional_positive_int,
+    check_positive_int,
+    check_probability,
+    check_real,
+    check_same_device,
+    check_same_shape,
+    check_sigma_min,
+    check_support,
+)
 from nwflow._precision import WIDE, exact_matmul
 from nwflow._stream import softmax_mean
 from nwflow.empirical import EmpiricalField
@@ -99,10 +109,9 @@ def efm_target(
             f"({B}, K, {', '.join(map(str, S))}) (per row), got {tuple(references.shape)}"
         )
     for name, other in (("x1", x1), ("references", references)):
-        if other.device != x.device:
-            raise ValueError(f"{name} is on {other.device} but x is on {x.device}")
+        check_same_device(x, other, "x", name)
         if other.dtype != x.dtype:
-            raise TypeError(f"{name} has dtype {other.dtype} but x has dtype {x.dtype}")
+            raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {other.dtype}")
     # The estimator is formed in the wide dtype: near t = 1 the logits scale like
     # 1 / sigma_t^2 and (m - x) / sigma_t cancels, so fp32 would lose the target there.
     tt = time_per_row(t, x, sigma_min=sigma_min, dtype=WIDE)
@@ -159,20 +168,11 @@ class TargetSampler:
 
     def __init__(self, support: torch.Tensor, batch_size: int, m: int | None = None,
                  sigma_min: float = 0.0, t_max: float = 1.0) -> None:
-        check_float_tensor(support, "support")
-        if support.dim() < 2 or support.shape[0] == 0:
-            raise ValueError(f"support must be a non-empty (n, *S) tensor, got shape {tuple(support.shape)}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        if m is not None and (isinstance(m, bool) or not isinstance(m, numbers.Integral) or m < 1):
-            raise ValueError(f"m must be None (CFM) or a positive int (EFM-M), got {m!r}")
-        if isinstance(t_max, bool) or not isinstance(t_max, numbers.Real) or not 0.0 < t_max <= 1.0:
-            raise ValueError(f"t_max must be a number in (0, 1], got {t_max!r}")
-        self.support = support
-        self.batch_size = int(batch_size)
-        self.m = None if m is None else int(m)
+        self.support = check_support(support)
+        self.batch_size = check_positive_int(batch_size, "batch_size")
+        self.m = check_optional_positive_int(m, "m")  # None: CFM, M: EFM-M
         self.sigma_min = check_sigma_min(sigma_min)
-        self.t_max = float(t_max)
+        self.t_max = check_real(t_max, "t_max", 0.0, 1.0, low_open=True)
 
     def __repr__(self) -> str:
         kind = "CFM" if self.m is None else f"EFM-{self.m}"
@@ -210,11 +210,9 @@ def hybrid_field(first: VelocityFn, second: VelocityFn, tau: float) -> VelocityF
     happens exactly at a step boundary. tau = 0 is ``second`` alone,
     tau = 1 is ``first`` alone. Chapter 6.
     """
-    if not callable(first) or not callable(second):
-        raise TypeError("first and second must be callables (x, t) -> velocity")
-    if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not 0.0 <= tau <= 1.0:
-        raise ValueError(f"tau must be a number in [0, 1], got {tau!r}")
-    tau = float(tau)
+    check_callable(first, "first")
+    check_callable(second, "second")
+    tau = check_probability(tau, "tau")
 
     def field(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if isinstance(t, torch.Tensor) and t.numel() != 1:
@@ -236,12 +234,10 @@ def hybrid_samples(first: VelocityFn, second: VelocityFn, x0: torch.Tensor, taus
     ``first`` is integrated once and shared by all tau. Every tau must be a multiple of
     1 / steps. Returns (len(taus), B, *S). Chapter 6.
     """
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    steps = check_positive_int(steps, "steps")
     ks = []
-    for tau in taus:
-        if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not 0.0 <= tau <= 1.0:
-            raise ValueError(f"taus must be numbers in [0, 1], got {tau!r}")
+    for i, tau in enumerate(taus):
+        tau = check_probability(tau, f"taus[{i}]")
         k = round(tau * steps)
         if abs(k - tau * steps) > 1e-9:
             raise ValueError(f"tau = {tau} is not on the grid k / {steps}: choose steps so that it is")
