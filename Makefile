@@ -1,5 +1,5 @@
 # Two entry points: `make book` (the website) and `make test` (the whole suite); `make lint`,
-# `make bench` (benchmarks/velocity.py) and `make assignments` (the course's notebooks) beside
+# `make bench` (benchmarks/: velocity, trajectory, sharded) and `make assignments` (the course's notebooks) beside
 # them. All create $(VENV) if it is missing. torch is installed first, and only when the
 # environment has none, so a GPU user's CUDA build is kept; torch==2.13.0 is the CPU wheel that
 # lies on the development machines' disk.
@@ -77,6 +77,8 @@ lint: $(VENV)/.test
 
 bench: $(VENV)/.test
 	$(PY) benchmarks/velocity.py
+	$(PY) benchmarks/trajectory.py
+	$(PY) benchmarks/sharded.py
 
 clean:
 	rm -rf _build .pytest_cache

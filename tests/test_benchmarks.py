@@ -64,3 +64,21 @@ def test_bad_arguments_are_refused():
     run = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--times", "1.0", "--no-memory"],
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert run.returncode != 0 and "--times" in run.stderr
+
+
+def test_trajectory_smoke_run_follows_the_closed_form_and_writes_json(tmp_path):
+    out = tmp_path / "traj.json"
+    script = ROOT / "benchmarks" / "trajectory.py"
+    args = ["--synthetic", "--n", "600", "--D", "16", "--batches", "4", "--steps", "8", "--checks", "3",
+            "--threads", "1", "--out", str(out)]
+    run = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    record = json.loads(out.read_text())
+    (r,) = record["results"]
+    assert [s["t"] for s in r["steps"]] == pytest.approx([0.99 * k / 8 for k in range(8)])
+    assert {e["step"] for e in r["errors"]} == {0, 4, 7}
+    assert r["worst_error"]["field"] <= 1e-5  # the engine's promise along the run, fp32
+    # n_eff falls along the run: all 600 points weigh alike at t = 0.
+    assert r["steps"][0]["median_n_eff"] == pytest.approx(600, rel=1e-4)
+    assert r["steps"][-1]["median_n_eff"] < r["steps"][0]["median_n_eff"]
+    assert set(r["ratios"]) == {"field/two_gemm_pre", "field/sdpa_pre"} and "provenance" in record
