@@ -100,11 +100,14 @@ def _scores(x0: torch.Tensor, X: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 # -- the Brenier potential and its cells ------------------------------------------------
 def standard_normal_qmc(n: int, d: int, seed: int = 0, dtype: torch.dtype = WIDE) -> torch.Tensor:
-    """n quasi-Monte Carlo points of N(0, I_d): a scrambled Sobol sequence mapped by the inverse CDF.
+    r"""n quasi-Monte Carlo points of N(0, I_d): a scrambled Sobol sequence mapped by the inverse CDF.
 
-    x = sqrt(2) erfinv(2 u - 1) coordinate-wise; the uniforms are kept inside (0, 1) so no
-    point is infinite. Cell masses estimated with them converge faster than with i.i.d.
-    draws (the integrands are indicators of convex cells). Returns (n, d). Chapter 7.
+    .. math:: x_{ik} = \sqrt{2}\, \operatorname{erf}^{-1}(2 u_{ik} - 1),
+        \qquad u_i \in (0, 1)^d \text{ (Sobol)}
+
+    coordinate-wise; the uniforms are kept inside (0, 1) so no point is infinite. Cell masses
+    estimated with them converge faster than with i.i.d. draws (the integrands are indicators
+    of convex cells). Shapes: returns (n, d) in ``dtype``. Chapter 7.
     """
     n = check_positive_int(n, "n")
     d = check_positive_int(d, "d")
@@ -114,26 +117,39 @@ def standard_normal_qmc(n: int, d: int, seed: int = 0, dtype: torch.dtype = WIDE
 
 
 def laguerre_index(x0: torch.Tensor, support: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """The Laguerre (power) cell of each source point: argmax_j <x0, x^(j)> - g_j; (B,) int64.
+    r"""The Laguerre (power) cell of each source point.
 
-    With g_j = ||x^(j)||^2 / 2 the cells are the Voronoi cells of the data. Chapter 7.
+    .. math:: j^\star(x_0) = \mathop{\mathrm{arg\,max}}_j \big(\langle x_0, x^{(j)}\rangle - g_j\big),
+        \qquad L_j = \{x_0 : j \text{ attains the max}\}
+
+    With g_j = ||x^(j)||^2 / 2 the cells are the Voronoi cells of the data. Shapes: x0 (B, D),
+    support (n, D), g (n,); returns (B,) int64. Chapter 7, eq. (brenier-discrete).
     """
     X = _support(support)
     return _scores(_points(x0, X, "x0"), X.to(WIDE), _weights_g(g, X)).argmax(dim=1)
 
 
 def laguerre_masses(x0: torch.Tensor, support: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Fraction of the sample ``x0`` (B, D) in each Laguerre cell: a Monte Carlo estimate of
-    mu(L_j) for x0 ~ mu; (n,) float64, sums to 1. Chapter 7."""
+    r"""Fraction of the sample ``x0`` in each Laguerre cell: a Monte Carlo estimate of mu(L_j).
+
+    .. math:: \hat\mu(L_j) = \frac{1}{B} \sum_{i=1}^{B} \mathbf{1}\big[j^\star(x_0^{(i)}) = j\big]
+
+    for x0 ~ mu, with j* of :func:`laguerre_index`. Shapes: x0 (B, D), support (n, D), g (n,);
+    returns (n,) float64, summing to 1. Chapter 7.
+    """
     idx = laguerre_index(x0, support, g)
     return torch.bincount(idx, minlength=support.shape[0]).to(WIDE) / idx.numel()
 
 
 def brenier_potential(x0: torch.Tensor, support: torch.Tensor, g: torch.Tensor,
                       eps: float = 0.0) -> torch.Tensor:
-    """phi(x0) = max_j (<x0, x^(j)> - g_j); with eps > 0 the smoothed
-    phi_eps(x0) = eps log sum_j exp((<x0, x^(j)> - g_j) / eps), which lies in
-    [phi, phi + eps log n]. Shapes: x0 (B, D), support (n, D), g (n,). Returns (B,). Chapter 7.
+    r"""The Brenier potential of the discrete target, or its log-sum-exp smoothing (eps > 0).
+
+    .. math:: \varphi(x_0) = \max_j \big(\langle x_0, x^{(j)}\rangle - g_j\big), \qquad
+        \varphi_\varepsilon(x_0) = \varepsilon \log \sum_j e^{(\langle x_0, x^{(j)}\rangle - g_j)/\varepsilon}
+
+    phi_eps lies in [phi, phi + eps log n]. Shapes: x0 (B, D), support (n, D), g (n,).
+    Returns (B,) in x0's dtype. Chapter 7, eqs. (brenier-discrete) and (nw-soft-brenier).
     """
     X = _support(support)
     eps = check_nonnegative_real(eps, "eps")
@@ -143,11 +159,16 @@ def brenier_potential(x0: torch.Tensor, support: torch.Tensor, g: torch.Tensor,
 
 
 def brenier_map(x0: torch.Tensor, support: torch.Tensor, g: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
-    """T(x0) = grad phi(x0) = x^(argmax_j <x0, x^(j)> - g_j); with eps > 0 the soft average
-    grad phi_eps(x0) = sum_j softmax_j((<x0, x^(j)> - g_j) / eps) x^(j).
+    r"""The Brenier (OT) map T = grad phi, or with eps > 0 the soft average grad phi_eps.
 
-    With g_j = ||x^(j)||^2 / 2 and eps = h^2 at x0 = x / t this soft average is the
-    Nadaraya-Watson posterior mean of Part I. Shapes: x0 (B, D) -> (B, D). Chapter 7.
+    .. math:: T(x_0) = \nabla\varphi(x_0) = x^{(j^\star(x_0))}, \qquad
+        \nabla\varphi_\varepsilon(x_0) = \sum_j \operatorname{softmax}_j\Big(
+        \frac{\langle x_0, x^{(j)}\rangle - g_j}{\varepsilon}\Big)\, x^{(j)}
+
+    with j* of :func:`laguerre_index`. With g_j = ||x^(j)||^2 / 2 and eps = h^2 at x0 = x / t
+    this soft average is the Nadaraya-Watson posterior mean of Part I. Shapes: x0 (B, D),
+    support (n, D), g (n,); returns (B, D) in x0's dtype. Chapter 7, eqs. (brenier-discrete)
+    and (nw-soft-brenier).
     """
     X = _support(support)
     eps = check_nonnegative_real(eps, "eps")
@@ -161,7 +182,13 @@ def brenier_map(x0: torch.Tensor, support: torch.Tensor, g: torch.Tensor, eps: f
 # -- semi-discrete OT: the dual weights ---------------------------------------------------
 @dataclass(frozen=True)
 class SemiDiscreteDual:
-    """Result of :func:`semidiscrete_dual`.
+    r"""Result of :func:`semidiscrete_dual`: the dual weights and their measured accuracy.
+
+    .. math:: e = \max_j \big\lvert \hat\mu(L_j) - b_j \big\rvert, \qquad
+        s = \max_j \sqrt{b_j (1 - b_j) / n_{\rm check}}
+
+    (``max_mass_error`` e and ``mc_std`` s, with the cell masses of :func:`laguerre_masses`).
+    Shapes and fields, Chapter 7:
 
     - ``g``: (n,) dual weights (mean zero: g is defined up to a constant).
     - ``target``: (n,) the prescribed masses b.
@@ -195,13 +222,28 @@ def semidiscrete_dual(
 ) -> SemiDiscreteDual:
     r"""Dual weights g of semi-discrete OT from N(0, I_D) to sum_j b_j delta_{x^(j)}.
 
-    g minimises the convex dual K(g) = E_{x0}[max_j(<x0, x^(j)> - g_j)] + sum_j b_j g_j, whose
-    gradient is b_j - mu(L_j(g)): at the optimum every Laguerre cell has mass b_j. The
-    expectation is replaced by a scrambled-Sobol sample of ``n_samples`` Gaussian points and
-    the max by its log-sum-exp smoothing at temperature eps_k; Newton's method (with
-    backtracking) is run for eps_k = s, s / 4, s / 16, ..., down to ``eps`` * s, where s is the
-    spread (standard deviation) of <x0, x^(j)> - g_j. The Hessian of the smoothed dual is
-    (diag(mean pi) - pi^T pi / N) / eps_k with pi the soft cell assignments.
+    g minimises the convex dual
+
+    .. math::
+
+        K(g) = \mathbb{E}_{x_0}\Big[\max_j \big(\langle x_0, x^{(j)}\rangle - g_j\big)\Big]
+        + \sum_j b_j g_j, \qquad \frac{\partial K}{\partial g_j} = b_j - \mu\big(L_j(g)\big),
+
+    so at the optimum every Laguerre cell has mass b_j. The expectation is replaced by a
+    scrambled-Sobol sample z_1..z_N of N = ``n_samples`` Gaussian points and the max by its
+    log-sum-exp smoothing at temperature eps_k:
+
+    .. math::
+
+        K_\varepsilon(g) = \frac{\varepsilon}{N} \sum_i \log \sum_j
+        e^{(\langle z_i, x^{(j)}\rangle - g_j)/\varepsilon} + \sum_j b_j g_j, \qquad
+        \nabla^2 K_\varepsilon = \frac{1}{\varepsilon}\Big(\operatorname{diag}(\bar\pi)
+        - \frac{1}{N} \pi^\top \pi\Big),
+
+    with pi (N, n) the soft cell assignments pi_ij = softmax_j((<z_i, x^(j)> - g_j) / eps) and
+    pi-bar their mean over i. Newton's method (with backtracking) is run for eps_k = s, s / 4,
+    s / 16, ..., down to ``eps`` * s, where s is the spread (standard deviation) of
+    <x0, x^(j)> - g_j.
 
     The achieved accuracy is measured, not assumed: the hard cell masses on an independent
     i.i.d. sample of ``n_check`` points (``max_mass_error``, with its Monte Carlo standard
@@ -280,7 +322,10 @@ def semidiscrete_dual(
 
 # -- the conjugate (extended Brenier potential) -------------------------------------------
 def conjugate_potential(y: torch.Tensor, support: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    r"""psi(y) = phi*(y) = min { <lambda, g> : lambda in simplex, sum_j lambda_j x^(j) = y }.
+    r"""The extended Brenier potential psi = phi*, the convex conjugate of :func:`brenier_potential`.
+
+    .. math:: \psi(y) = \varphi^*(y) = \min\Big\{ \sum_j \lambda_j g_j :
+        \lambda \in \Delta_n,\ \sum_j \lambda_j x^{(j)} = y \Big\}
 
     The lower convex envelope of the points (x^(j), g_j) over the convex hull of the data,
     +inf outside it: the extended Brenier potential. One small linear program per row
@@ -508,16 +553,29 @@ def _prox_dual_form(w: torch.Tensor, c: torch.Tensor, X: torch.Tensor, g: torch.
 
 def prox_conjugate(z: torch.Tensor, h: float | torch.Tensor, support: torch.Tensor, g: torch.Tensor,
                    eps: float = 0.0, return_info: bool = False):
-    r"""prox_{h psi}(z) = argmin_y psi(y) + ||y - z||^2 / (2 h), psi = phi* (:func:`conjugate_potential`).
+    r"""The proximal map of h psi, psi = phi* (:func:`conjugate_potential`).
 
-    Equal to sum_j lambda_j x^(j) with lambda solving the simplex QP
-    min_{lambda in simplex} <lambda, g> + ||X^T lambda - z||^2 / (2 h). Computed through its
-    dual u = prox_{phi / h}(z / h) (Moreau: prox_{h psi}(z) = z - h u), by Newton on the
-    smoothed dual with eps -> 0, then an exact active-set (KKT) solve on the atoms that carry
-    weight; rows where more than D + 1 atoms tie (degenerate) get a vertex representation from
-    a small LP first. The duality gap gap = max_j a_j(u) - sum_j lambda_j a_j(u), with
-    a_j(u) = <u, x^(j)> - g_j, certifies every row: ||y - y*|| <= sqrt(2 h gap) (typically
-    1e-7 or less: the gap itself is at rounding level). A row whose bound exceeds
+    .. math::
+
+        \operatorname{prox}_{h\psi}(z) = \mathop{\mathrm{arg\,min}}_y\, \psi(y)
+        + \frac{\lVert y - z\rVert^2}{2h} = \sum_j \lambda_j x^{(j)}, \qquad
+        \lambda = \mathop{\mathrm{arg\,min}}_{\lambda \in \Delta_n} \sum_j \lambda_j g_j
+        + \frac{1}{2h} \Big\lVert \sum_j \lambda_j x^{(j)} - z \Big\rVert^2
+
+    Computed through its dual (Moreau) and certified by the duality gap, with
+    a_j(u) = <u, x^(j)> - g_j:
+
+    .. math::
+
+        \operatorname{prox}_{h\psi}(z) = z - h u, \quad
+        u = \operatorname{prox}_{\varphi/h}(z/h); \qquad
+        \mathrm{gap} = \max_j a_j(u) - \sum_j \lambda_j a_j(u), \quad
+        \lVert y - y^\star \rVert \le \sqrt{2h\, \mathrm{gap}}
+
+    The dual is solved by Newton on the smoothed dual with eps -> 0, then an exact active-set
+    (KKT) solve on the atoms that carry weight; rows where more than D + 1 atoms tie
+    (degenerate) get a vertex representation from a small LP first. The bound is typically
+    1e-7 or less (the gap itself is at rounding level); a row whose bound exceeds
     1e-6 (1 + max_j ||x^(j)|| + ||z||) raises RuntimeError.
 
     With ``eps`` > 0: the prox of h psi_eps, psi_eps = (phi_eps)*, which is the soft average
@@ -525,7 +583,8 @@ def prox_conjugate(z: torch.Tensor, h: float | torch.Tensor, support: torch.Tens
 
     Shapes: z (B, D); h a positive number or (B,) tensor; support (n, D); g (n,).
     Returns y (B, D) in z's dtype, or with ``return_info`` (y, info) where info holds
-    ``weights`` lambda (B, n) and ``error_bound`` (B,) (zeros when eps > 0). Chapter 7.
+    ``weights`` lambda (B, n) and ``error_bound`` (B,) (zeros when eps > 0). Chapter 7,
+    eq. (simplex-qp).
     """
     X = _support(support)
     z = _points(z, X, "z")
@@ -552,14 +611,20 @@ def _flow_time(t: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def proximal_target(x: torch.Tensor, t: float | torch.Tensor, support: torch.Tensor, g: torch.Tensor,
                     eps: float = 0.0) -> torch.Tensor:
-    r"""The end point of the OT trajectory through x at time t: x1 = prox_{h(t) psi}(x / t),
-    h(t) = (1 - t) / t. On the support of p_t it is the data point T(x0) of the trajectory's
-    origin; elsewhere it lies on a face of the data's convex hull.
+    r"""The end point of the OT trajectory through x at time t.
 
-    Computed as the dual problem in the trajectory origin u (x0 on the path):
-    min_u phi(u) + ||(1 - t) u - x||^2 / (2 t (1 - t)), x1 = (x - (1 - t) u) / t, which stays
-    well scaled as t -> 0; at t = 0 it is the Brenier map, x1 = T(x) (smoothed when eps > 0).
-    Shapes: x (B, D); t in [0, 1) a number, 0-d or (B,). Chapter 7.
+    .. math:: x_1(x, t) = \operatorname{prox}_{h(t)\psi}(x/t), \qquad h(t) = \frac{1 - t}{t}
+
+    On the support of p_t it is the data point T(x0) of the trajectory's origin; elsewhere it
+    lies on a face of the data's convex hull. Computed as the dual problem in the trajectory
+    origin u (x0 on the path), which stays well scaled as t -> 0:
+
+    .. math:: u = \mathop{\mathrm{arg\,min}}_u\, \varphi(u)
+        + \frac{\lVert (1 - t) u - x \rVert^2}{2t(1 - t)}, \qquad x_1 = \frac{x - (1 - t) u}{t};
+
+    at t = 0 it is the Brenier map, x1 = T(x) (smoothed when eps > 0). Shapes: x (B, D);
+    t in [0, 1) a number, 0-d or (B,); support (n, D); g (n,); returns (B, D) in x's dtype.
+    Chapter 7, eq. (prox-target).
     """
     X = _support(support)
     x = _points(x, X, "x")
@@ -581,11 +646,14 @@ def proximal_target(x: torch.Tensor, t: float | torch.Tensor, support: torch.Ten
 
 def proximal_velocity(x: torch.Tensor, t: float | torch.Tensor, support: torch.Tensor, g: torch.Tensor,
                       eps: float = 0.0) -> torch.Tensor:
-    r"""The OT-CFM field in proximal form, v(x, t) = (prox_{h(t) psi}(x / t) - x) / (1 - t).
+    r"""The OT-CFM field in proximal form.
+
+    .. math:: v(x, t) = \frac{\operatorname{prox}_{h(t)\psi}(x/t) - x}{1 - t}, \qquad
+        h(t) = \frac{1 - t}{t}
 
     On the path x = (1 - t) x0 + t T(x0) it equals T(x0) - x0 (at t = 0: T(x) - x). With
     eps > 0 the field of the log-sum-exp smoothed potential. Shapes: x (B, D) -> (B, D);
-    t in [0, 1). Chapter 7.
+    t in [0, 1) a number, 0-d or (B,); support (n, D); g (n,). Chapter 7, eq. (prox-field).
     """
     x1 = proximal_target(x, t, support, g, eps)
     tt = _flow_time(t, x)
