@@ -122,11 +122,14 @@ def _check_affine(x: torch.Tensor, shift: object, matrix: object) -> tuple[torch
 
 # -- Gaussian-to-Gaussian transport ---------------------------------------------------
 def sqrtm_psd(cov: torch.Tensor) -> torch.Tensor:
-    """The symmetric positive semi-definite square root M^{1/2} of a covariance M, (d, d).
+    r"""The symmetric positive semi-definite square root M^{1/2} of a covariance M.
 
-    By eigen-decomposition in float64, M = V diag(lam) V^T -> V diag(sqrt(lam)) V^T; the result
-    has the dtype of ``cov``. Raises ValueError when ``cov`` is not symmetric PSD (to 1e-10
-    relative). Chapter 8, Gaussian-to-Gaussian transport.
+    .. math:: M = V \operatorname{diag}(\lambda)\, V^\top \;\Rightarrow\;
+        M^{1/2} = V \operatorname{diag}\big(\sqrt{\max(\lambda, 0)}\big)\, V^\top
+
+    by eigen-decomposition in float64 (rounding-level negative eigenvalues clipped to 0).
+    Shapes: cov (d, d); returns (d, d) in the dtype of ``cov``. Raises ValueError when ``cov``
+    is not symmetric PSD (to 1e-10 relative). Chapter 8, Gaussian-to-Gaussian transport.
     """
     cov = check_float_tensor(cov, "cov")
     if cov.dim() != 2 or cov.shape[0] != cov.shape[1] or cov.shape[0] == 0:
@@ -142,10 +145,13 @@ def sqrtm_psd(cov: torch.Tensor) -> torch.Tensor:
 
 
 def rotation_matrix(dim: int, angle: float, plane: tuple[int, int] = (0, 1)) -> torch.Tensor:
-    """The rotation by ``angle`` (radians) in the coordinate ``plane`` (i, j) of R^dim, float64 (dim, dim).
+    r"""The rotation by ``angle`` theta (radians) in the coordinate ``plane`` (i, j) of R^dim.
 
-    R e_i = cos(angle) e_i + sin(angle) e_j, R e_j = -sin(angle) e_i + cos(angle) e_j; the other
-    axes are fixed. In R^2, angle = pi gives R = -I. Chapter 8.
+    .. math:: R e_i = \cos\theta\, e_i + \sin\theta\, e_j, \qquad
+        R e_j = -\sin\theta\, e_i + \cos\theta\, e_j
+
+    The other axes are fixed. In R^2, angle = pi gives R = -I (the R_180 of the crossing-lines
+    example). Shapes: returns (dim, dim) float64. Chapter 8.
     """
     check_int(dim, "dim", minimum=2)
     angle = check_real(angle, "angle")
@@ -162,7 +168,9 @@ def rotation_matrix(dim: int, angle: float, plane: tuple[int, int] = (0, 1)) -> 
 
 def gaussian_ot_map(mean: torch.Tensor, cov: torch.Tensor,
                     rotation: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The affine map T(z) = mean + M^{1/2} R z from N(0, I) to N(mean, M), as (shift, matrix).
+    r"""The affine map from N(0, I) to N(mean, M), as (shift, matrix) = (mu, M^{1/2} R).
+
+    .. math:: T(z) = \mu + M^{1/2} R\, z, \qquad z \sim N(0, I) \;\Rightarrow\; T(z) \sim N(\mu, M)
 
     With ``rotation`` R = None (the identity) it is the optimal-transport (Brenier) map; with an
     orthogonal R it is a rotated-OT map: R z ~ N(0, I) again, so the end marginal is the same
@@ -187,7 +195,12 @@ def gaussian_ot_map(mean: torch.Tensor, cov: torch.Tensor,
 
 
 def affine_map(z: torch.Tensor, shift: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
-    """T(z) = shift + matrix z for each row of z (B, d); returns (B, d) in z's dtype."""
+    r"""An affine map applied to each row of z, with b = ``shift`` and B = ``matrix``.
+
+    .. math:: T(z) = b + B z
+
+    Shapes: z (B, d) rows, shift (d,), matrix (d, d); returns (B, d) in z's dtype. Chapter 8.
+    """
     z = check_float_tensor(z, "z")
     b, m = _check_affine(z, shift, matrix)
     return (b + z.to(WIDE) @ m.T).to(z.dtype)
@@ -195,9 +208,9 @@ def affine_map(z: torch.Tensor, shift: torch.Tensor, matrix: torch.Tensor) -> to
 
 def affine_velocity(x: torch.Tensor, t: float | torch.Tensor, shift: torch.Tensor,
                     matrix: torch.Tensor) -> torch.Tensor:
-    r"""The field whose trajectories are the straight lines x_t = (1 - t) z + t T(z), T(z) = b + B z:
+    r"""The field whose trajectories are the straight lines x_t = (1 - t) z + t T(z), T(z) = b + B z.
 
-        v(x, t) = b + (B - I) A_t^{-1} (x - t b),    A_t = (1 - t) I + t B.
+    .. math:: v(x, t) = b + (B - I)\, A_t^{-1} (x - t b), \qquad A_t = (1 - t) I + t B
 
     Derivation: x_t = t b + A_t z, so z = A_t^{-1} (x_t - t b), and dx_t/dt = T(z) - z =
     b + (B - I) z. Every pair (z, T(z)) is then reproduced exactly and the regression loss on
@@ -225,10 +238,13 @@ def affine_velocity(x: torch.Tensor, t: float | torch.Tensor, shift: torch.Tenso
 
 def gaussian_ot_velocity(x: torch.Tensor, t: float | torch.Tensor, mean: torch.Tensor,
                          cov: torch.Tensor) -> torch.Tensor:
-    r"""The OT field from N(0, I) to N(mean, M): v = theta + Theta (I + t Theta)^{-1} (x - t theta),
+    r"""The OT field from N(0, I) to N(mean, M).
 
-    theta = mean, Theta = M^{1/2} - I. Its trajectories are the straight lines from z to
-    mean + M^{1/2} z. Shapes: x (B, d), mean (d,), cov (d, d). Chapter 8.
+    .. math:: v_{\mathrm{OT}}(x, t) = \theta + \Theta\, (I + t\, \Theta)^{-1} (x - t\, \theta), \qquad
+        \theta = \mu, \quad \Theta = M^{1/2} - I
+
+    Its trajectories are the straight lines from z to mean + M^{1/2} z. Shapes: x (B, d),
+    t a number, 0-d or (B,); mean (d,), cov (d, d); returns (B, d). Chapter 8, eq. (ot-field).
     """
     return affine_velocity(x, t, *gaussian_ot_map(mean, cov))
 
@@ -237,8 +253,12 @@ def rotated_ot_velocity(x: torch.Tensor, t: float | torch.Tensor, mean: torch.Te
                         cov: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     r"""A rotated-OT field: straight lines from z to mean + M^{1/2} R z (R orthogonal).
 
-    Same end marginals as :func:`gaussian_ot_velocity`, other pairs, longer lines; for R = -I
-    in R^2 (and M = I) all lines meet at t = 1/2 and the field is singular there. Chapter 8.
+    .. math:: v(x, t) = \mu + (M^{1/2} R - I) \big((1 - t) I + t M^{1/2} R\big)^{-1} (x - t \mu)
+
+    the affine field of :func:`affine_velocity` with b = mu, B = M^{1/2} R. Same end
+    marginals as :func:`gaussian_ot_velocity`, other pairs, longer lines; for R = -I in R^2
+    (and M = I) all lines meet at t = 1/2 and the field is singular there. Shapes: x (B, d),
+    t a number, 0-d or (B,); mean (d,), cov and rotation (d, d); returns (B, d). Chapter 8.
     """
     return affine_velocity(x, t, *gaussian_ot_map(mean, cov, rotation))
 
@@ -246,7 +266,10 @@ def rotated_ot_velocity(x: torch.Tensor, t: float | torch.Tensor, mean: torch.Te
 # -- pairs and the interpolant --------------------------------------------------------
 def interpolant(x0: torch.Tensor, x1: torch.Tensor, t: float | torch.Tensor, sigma: float = 0.0,
                 noise: torch.Tensor | None = None) -> torch.Tensor:
-    r"""The (noisy) straight interpolant x_t = (1 - t) x0 + t x1 + sigma * noise.
+    r"""The (noisy) straight interpolant, ``noise`` being epsilon.
+
+    .. math:: x_t = (1 - t)\, x_0 + t\, x_1 + \sigma \varepsilon, \qquad
+        \frac{d x_t}{dt} = x_1 - x_0
 
     With sigma = 0 it is ``nwflow.sample_xt(x0, x1, t, sigma_min=0)``; with sigma > 0 pass
     ``noise`` (standard normals shaped like x0). Its time derivative is x1 - x0 whatever sigma
@@ -263,9 +286,15 @@ def interpolant(x0: torch.Tensor, x1: torch.Tensor, t: float | torch.Tensor, sig
 def pair_batch_fn(x0: torch.Tensor, x1: torch.Tensor, batch_size: int, sigma: float = 0.0) -> BatchFn:
     r"""A ``batch_fn(step, generator) -> (x_t, t, target)`` for :func:`nwflow.train.train_velocity`.
 
+    .. math:: i \sim \mathcal{U}\{1, \dots, N\}, \quad t \sim \mathcal{U}(0, 1), \quad
+        \varepsilon \sim N(0, I): \qquad
+        x_t = (1 - t)\, x_0^{(i)} + t\, x_1^{(i)} + \sigma \varepsilon, \quad
+        d_i = x_1^{(i)} - x_0^{(i)}
+
     Each call draws i uniformly from the N fixed pairs, t ~ U(0, 1) and eps ~ N(0, I) (on the
     CPU from ``generator``, then moved to x0's device and dtype) and returns the interpolant
-    x_t, t (B,) and the target d_i = x1_i - x0_i. Shapes: x0, x1 (N, *S). Chapter 8.
+    x_t (B, *S), t (B,) and the target d_i = x1_i - x0_i (B, *S), B = ``batch_size``.
+    Shapes: x0, x1 (N, *S). Chapter 8, eq. (interpolant).
     """
     x0, x1 = _check_pairs(x0, x1)
     sigma = check_nonnegative_real(sigma, "sigma")
@@ -306,11 +335,17 @@ def _one_time(tt: torch.Tensor) -> bool:
 
 def pair_weights(x: torch.Tensor, t: float | torch.Tensor, x0: torch.Tensor, x1: torch.Tensor,
                  sigma: float) -> torch.Tensor:
-    r"""Posterior weights over pairs, w_i(x, t) = softmax_i(-||x - c_i(t)||^2 / (2 sigma^2)), (B, N).
+    r"""Posterior weights over pairs, (B, N).
 
-    c_i(t) = (1 - t) x0_i + t x1_i. For sigma > 0 they are Part I's posterior weights with the
-    centres as the support, evaluated at tau = 1 / (1 + sigma) on the rescaled query tau x
-    (there h(tau) = sigma, so -||tau x - tau c_i||^2 / (2 (1 - tau)^2) = -||x - c_i||^2 / (2 sigma^2));
+    .. math:: w_i(x, t) = \operatorname{softmax}_i\left(-\frac{\lVert x - c_i(t)\rVert^2}{2\sigma^2}\right),
+        \qquad c_i(t) = (1 - t)\, x_0^{(i)} + t\, x_1^{(i)}
+
+    For sigma > 0 they are Part I's posterior weights with the centres as the support,
+    evaluated at tau = 1 / (1 + sigma) on the rescaled query tau x, where the bandwidth is sigma:
+
+    .. math:: h(\tau) = \frac{\sigma_\tau}{\tau} = \sigma, \qquad
+        -\frac{\lVert \tau x - \tau c_i\rVert^2}{2\sigma_\tau^2} = -\frac{\lVert x - c_i\rVert^2}{2\sigma^2};
+
     the exact engine of :mod:`nwflow.empirical` does the softmax when all rows share one t. A
     (B,) ``t`` with several values moves every row's centres differently; those logits are
     formed in float64 in the expanded two-GEMM form (same formula, no (B, N, D) block).
@@ -353,17 +388,22 @@ def _moving_centre_distances(xf: torch.Tensor, tt: torch.Tensor, a: torch.Tensor
 
 def pair_velocity(x: torch.Tensor, t: float | torch.Tensor, x0: torch.Tensor, x1: torch.Tensor,
                   sigma: float) -> torch.Tensor:
-    r"""The pair-optimal field v*(x, t) = sum_i w_i(x, t) (x1_i - x0_i), shape of x.
+    r"""The pair-optimal field: the minimiser of the rectified-flow loss over the N pairs.
 
-    The minimiser over all fields of E_{i, t, eps} ||v(x_t, t) - (x1_i - x0_i)||^2 with the
-    interpolant of noise ``sigma``: the conditional mean of the displacement given x_t = x, a
+    .. math:: v^\star_\sigma(x, t) = \sum_i w_i(x, t)\, d_i, \qquad d_i = x_1^{(i)} - x_0^{(i)},
+
+    .. math:: v^\star_\sigma = \mathop{\mathrm{arg\,min}}_v \frac{1}{N} \sum_i \int_0^1
+        \mathbb{E}_\varepsilon \big\lVert v\big(c_i(t) + \sigma\varepsilon, t\big) - d_i \big\rVert^2 \, dt
+
+    with the interpolant of noise ``sigma``: the conditional mean of the displacement given x_t = x, a
     Nadaraya-Watson smoother over the moving centres c_i(t) with bandwidth sigma (weights from
     :func:`pair_weights`). For sigma > 0 it transports the mixture (1/N) sum_i N(x0_i, sigma^2 I)
     exactly onto (1/N) sum_i N(x1_i, sigma^2 I); at sigma = 0 (the nearest-line field) it equals
     x1_i - x0_i on the line of pair i, so Euler steps from x0_i land on x1_i: memorisation.
     It is also the field of minibatch OT-CFM on Gaussian tubes, fed with OT pairs
     (:func:`nwflow.ot.ot_pairs`). The (B, N) weights are formed (N is a number of training
-    pairs here), in float64 when the rows' times differ. Chapter 8.
+    pairs here), in float64 when the rows' times differ. Shapes: x (B, *S); t a number, 0-d or
+    (B,); x0, x1 (N, *S); returns the shape of x. Chapter 8, eq. (pair-field).
     """
     x, xf, tt, a, b, sigma = _pair_inputs(x, t, x0, x1, sigma)
     d = conditional_velocity(a.to(WIDE), b.to(WIDE))                      # x1_i - x0_i, (N, D)
@@ -378,12 +418,18 @@ def pair_velocity(x: torch.Tensor, t: float | torch.Tensor, x0: torch.Tensor, x1
 
 
 def pair_separation(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
-    r"""How close each pair's line comes to another pair's line *at the same time*, (N,):
+    r"""How close each pair's line comes to another pair's line *at the same time*, (N,).
 
-        delta_i = min_{j != i} min_{t in [0, 1]} ||c_i(t) - c_j(t)||,   c_i(t) = (1 - t) x0_i + t x1_i.
+    .. math:: \delta_i = \min_{j \ne i}\, \min_{t \in [0, 1]} \lVert c_i(t) - c_j(t) \rVert, \qquad
+        c_i(t) = (1 - t)\, x_0^{(i)} + t\, x_1^{(i)}
 
-    ||c_i - c_j||^2 = ||Da||^2 + 2 t <Da, Dd> + t^2 ||Dd||^2 with Da = x0_i - x0_j and
-    Dd = d_i - d_j is a quadratic in t, minimised at t* = clip(-<Da, Dd> / ||Dd||^2, 0, 1);
+    With Da = x0_i - x0_j and Dd = d_i - d_j the squared distance is a quadratic in t:
+
+    .. math:: \lVert c_i(t) - c_j(t) \rVert^2 = \lVert \Delta a \rVert^2
+        + 2t \langle \Delta a, \Delta d \rangle + t^2 \lVert \Delta d \rVert^2, \qquad
+        t^\star = \operatorname{clip}\Big(
+        -\frac{\langle \Delta a, \Delta d \rangle}{\lVert \Delta d \rVert^2}, 0, 1\Big);
+
     the three inner products come from (N, N) Gram matrices in float64, never an (N, N, D)
     block. The pair field of noise sigma keeps pair i on its own line (memorises it) while
     sigma << delta_i, and averages it with its neighbour where sigma >~ delta_i. Lines that
@@ -424,10 +470,14 @@ def _residual(velocity_fn: VelocityFn, x0: torch.Tensor, x1: torch.Tensor, t: fl
 
 def pair_loss(velocity_fn: VelocityFn, x0: torch.Tensor, x1: torch.Tensor, t: float | torch.Tensor,
               sigma: float = 0.0, noise: torch.Tensor | None = None) -> float:
-    r"""The rectified-flow loss on given pairs, (1/N) sum_i ||v(x_t^i, t_i) - (x1_i - x0_i)||^2.
+    r"""The rectified-flow loss on given pairs.
 
-    x_t^i is the interpolant of pair i at its time t_i (``t`` a number or (N,)) with noise
-    ``sigma * noise_i``. ``velocity_fn(x, t)`` receives t as an (N,) tensor. Chapter 8.
+    .. math:: L = \frac{1}{N} \sum_i \big\lVert v(x_t^{(i)}, t_i) - (x_1^{(i)} - x_0^{(i)}) \big\rVert^2,
+        \qquad x_t^{(i)} = (1 - t_i)\, x_0^{(i)} + t_i\, x_1^{(i)} + \sigma \varepsilon_i
+
+    x_t^i is the interpolant of pair i at its time t_i with ``noise_i`` as eps_i.
+    ``velocity_fn(x, t)`` receives t as an (N,) tensor. Shapes: x0, x1 and noise (N, *S); t a
+    number, 0-d or (N,); returns a float. Chapter 8.
     """
     with torch.no_grad():
         r = _residual(velocity_fn, x0, x1, t, check_nonnegative_real(sigma, "sigma"), noise)
@@ -439,10 +489,15 @@ def prediction_gradient_variance(velocity_fn: VelocityFn, x0: torch.Tensor, x1: 
                                  noise: torch.Tensor | None = None) -> float:
     r"""Total variance over pairs of the loss gradient with respect to the prediction.
 
-    g_i = d/dv ||v - d_i||^2 = 2 (v(x_t^i, t) - d_i), and the result is the trace of their
-    sample covariance, (1/(N - 1)) sum_i ||g_i - mean_j g_j||^2 (N >= 2), in float64.
-    It is 0 exactly when every residual is the same vector, e.g. when the field reproduces
-    every pair (the deterministic regime at its memorising optimum). Chapter 8.
+    .. math:: g_i = \frac{\partial}{\partial v} \lVert v - d_i \rVert^2 = 2\big(v(x_t^{(i)}, t_i) - d_i\big),
+        \qquad \operatorname{tr}\operatorname{Cov}[g] = \frac{1}{N - 1} \sum_i \lVert g_i - \bar g \rVert^2,
+        \quad \bar g = \frac{1}{N} \sum_j g_j
+
+    for N >= 2, in float64. It is 0 exactly when every residual is the same vector, e.g. when
+    the field reproduces every pair (the deterministic regime at its memorising optimum); for
+    an affine field on its own pairs under the noisy interpolant its expectation is
+    4 sigma^2 ||K_t||_F^2 with K_t = dv/dx (chapter 8, eq. (noisy-variance)). Shapes: x0, x1
+    and noise (N, *S); t a number, 0-d or (N,). Chapter 8.
     """
     with torch.no_grad():
         g = 2.0 * _residual(velocity_fn, x0, x1, t, check_nonnegative_real(sigma, "sigma"), noise).to(WIDE)
@@ -456,10 +511,13 @@ def parameter_gradient_variance(model: nn.Module, x0: torch.Tensor, x1: torch.Te
                                 noise: torch.Tensor | None = None) -> float:
     r"""Total variance over pairs of the per-sample loss gradient with respect to the parameters.
 
-    G_i = grad_theta ||model(x_t^i, t_i) - d_i||^2 (one vector of all trainable parameters per
-    pair, computed with ``torch.func.vmap`` over ``torch.func.grad``); returns
-    (1/(N - 1)) sum_i ||G_i - mean_j G_j||^2, the trace of the covariance of the stochastic
-    gradient of a batch of one. ``model(x, t)`` takes x (B, *S) and t (B,). Chapter 8.
+    .. math:: G_i = \nabla_\vartheta \big\lVert v_\vartheta(x_t^{(i)}, t_i) - d_i \big\rVert^2, \qquad
+        \operatorname{tr}\operatorname{Cov}[G] = \frac{1}{N - 1} \sum_i \lVert G_i - \bar G \rVert^2
+
+    one vector of all trainable parameters per pair, computed with ``torch.func.vmap`` over
+    ``torch.func.grad``: the trace of the covariance of the stochastic gradient of a batch of
+    one. ``model(x, t)`` takes x (B, *S) and t (B,). Shapes: x0, x1 and noise (N, *S), N >= 2;
+    t a number, 0-d or (N,); returns a float. Chapter 8.
     """
     check_instance(model, "model", nn.Module, "a torch.nn.Module")
     x0, x1 = _check_pairs(x0, x1)
