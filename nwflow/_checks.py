@@ -188,14 +188,16 @@ def check_time(
     device: torch.device,
     name: str = "t",
     sigma_min: float | None = None,
+    values: bool = True,
 ) -> torch.Tensor:
     """``t`` (a number, a 0-d tensor or a (batch,) tensor in [0, 1]) as a (batch,) tensor.
 
     With ``sigma_min == 0`` the value t = 1 is refused: the path has no noise left there
-    and the velocity is singular.
+    and the velocity is singular. ``values=False`` checks the layout only (see
+    :func:`check_per_row`).
     """
-    tt = check_per_row(t, batch, dtype, device, name)
-    if tt.numel():
+    tt = check_per_row(t, batch, dtype, device, name, values=values)
+    if values and tt.numel():
         lo, hi = float(tt.detach().min()), float(tt.detach().max())
         if lo < 0.0 or hi > 1.0:
             raise ValueError(f"{name} must lie in [0, 1], got values in [{lo}, {hi}]")
@@ -208,36 +210,35 @@ def check_time(
 
 
 def check_per_row(
-    t: float | torch.Tensor, batch: int, dtype: torch.dtype, device: torch.device, name: str
+    t: float | torch.Tensor, batch: int, dtype: torch.dtype, device: torch.device, name: str,
+    values: bool = True,
 ) -> torch.Tensor:
     """A per-row scalar (a number, a 0-d tensor or a (batch,) tensor, finite) as a (batch,) tensor.
 
     The layout shared by every per-row argument (a time, a step size); the caller checks the range.
+    ``values=False`` skips the finiteness check, which reads the values: a network's forward
+    must also run under ``torch.func.vmap``, where a tensor's values cannot be read.
     """
     if isinstance(t, torch.Tensor):
         if torch.is_complex(t) or t.dtype == torch.bool:
-            raise TypeError(f"{name} must be real, got dtype {t.dtype}")
+            raise TypeError(f"{name} must be a real tensor, got dtype {t.dtype}")
         if t.dim() == 0:
             tt = t.to(device=device, dtype=dtype).expand(batch)
-        elif t.dim() == 1:
-            if t.shape[0] != batch:
-                raise ValueError(
-                    f"{name} has {t.shape[0]} entries but the batch has {batch} rows; "
-                    f"pass a number, a 0-d tensor or a ({batch},) tensor"
-                )
+        elif t.shape == (batch,):
             if t.device != device:
                 raise ValueError(f"{name} must be on the device of x ({device}), got {t.device}")
             tt = t.to(dtype=dtype)
         else:
             raise ValueError(
-                f"{name} must be a number, a 0-d tensor or a (B,) tensor, got shape {tuple(t.shape)}"
+                f"{name} must be a number, a 0-d tensor or a ({batch},) tensor (one per row of the "
+                f"batch), got shape {tuple(t.shape)}"
             )
     elif isinstance(t, numbers.Real) and not isinstance(t, bool):
         tt = torch.full((batch,), float(t), dtype=dtype, device=device)
     else:
         raise TypeError(f"{name} must be a number or a tensor, got {type(t).__name__}")
     # a t that requires grad keeps its graph; the check needs none
-    if tt.numel() and not bool(torch.isfinite(tt.detach()).all()):
+    if values and tt.numel() and not bool(torch.isfinite(tt.detach()).all()):
         raise ValueError(f"{name} contains NaN or inf")
     return tt
 

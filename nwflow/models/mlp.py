@@ -12,6 +12,8 @@ import math
 import torch
 from torch import nn
 
+from nwflow._checks import check_int, check_positive_int, check_time
+
 __all__ = ["TimeEmbedding", "VelocityMLP"]
 
 
@@ -24,7 +26,7 @@ class TimeEmbedding(nn.Module):
 
     def __init__(self, dim: int = 32, max_freq: float = 100.0) -> None:
         super().__init__()
-        if not isinstance(dim, int) or dim < 2 or dim % 2:
+        if check_int(dim, "dim", minimum=2) % 2:
             raise ValueError(f"dim must be an even int >= 2, got {dim!r}")
         # float64 so that 2 pi f t is accurate for the highest frequencies.
         freqs = torch.logspace(0.0, math.log10(max_freq), dim // 2, dtype=torch.float64)
@@ -45,9 +47,8 @@ class VelocityMLP(nn.Module):
 
     def __init__(self, dim: int, hidden: int = 256, depth: int = 3, time_dim: int = 32) -> None:
         super().__init__()
-        for name, value, low in (("dim", dim, 1), ("hidden", hidden, 1), ("depth", depth, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        for name, value in (("dim", dim), ("hidden", hidden), ("depth", depth)):
+            check_positive_int(value, name)
         self.dim = dim
         self.embed = TimeEmbedding(time_dim)
         layers: list[nn.Module] = []
@@ -62,10 +63,8 @@ class VelocityMLP(nn.Module):
         flat = x.reshape(x.shape[0], -1)
         if flat.shape[1] != self.dim:
             raise ValueError(f"x must have {self.dim} features per sample, got shape {tuple(x.shape)}")
-        tt = torch.as_tensor(t, dtype=flat.dtype, device=flat.device)
-        if tt.dim() == 0:
-            tt = tt.expand(flat.shape[0])
-        elif tt.shape != (flat.shape[0],):
-            raise ValueError(f"t must be a number, 0-d or ({flat.shape[0]},), got shape {tuple(tt.shape)}")
+        # path.time_per_row's layout rule (models sit below the path in the import layers); the
+        # values are not read, so that the forward also runs under torch.func.vmap.
+        tt = check_time(t, flat.shape[0], flat.dtype, flat.device, values=False)
         out = self.net(torch.cat([flat, self.embed(tt)], dim=1))
         return out.reshape(x.shape)

@@ -24,11 +24,10 @@ is safe up to t = 1. With F = 0 the model is the Gaussian field itself.
 
 from __future__ import annotations
 
-import math
-import numbers
-
 import torch
 from torch import nn
+
+from nwflow._checks import check_instance, check_positive_real, check_real, check_time
 
 __all__ = ["PreconditionedVelocity"]
 
@@ -45,16 +44,9 @@ class PreconditionedVelocity(nn.Module):
 
     def __init__(self, net: nn.Module, data_mean: float = 0.0, data_std: float = 1.0) -> None:
         super().__init__()
-        if not isinstance(net, nn.Module):
-            raise TypeError(f"net must be a torch.nn.Module, got {type(net).__name__}")
-        for name, value in (("data_mean", data_mean), ("data_std", data_std)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
-        if not data_std > 0:
-            raise ValueError(f"data_std must be positive, got {data_std!r}")
-        self.net = net
-        self.data_mean = float(data_mean)
-        self.data_std = float(data_std)
+        self.net = check_instance(net, "net", nn.Module, "a torch.nn.Module")
+        self.data_mean = check_real(data_mean, "data_mean")
+        self.data_std = check_positive_real(data_std, "data_std")
 
     def coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(a(t), b(t), 1 / sqrt(v(t))) for a tensor of times."""
@@ -63,11 +55,7 @@ class PreconditionedVelocity(nn.Module):
         return (t * s2 - (1 - t)) / v, self.data_std / v.sqrt(), v.rsqrt()
 
     def forward(self, x: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
-        tt = torch.as_tensor(t, dtype=x.dtype, device=x.device)
-        if tt.dim() == 0:
-            tt = tt.expand(x.shape[0])
-        elif tt.shape != (x.shape[0],):
-            raise ValueError(f"t must be a number, 0-d or ({x.shape[0]},), got shape {tuple(tt.shape)}")
+        tt = check_time(t, x.shape[0], x.dtype, x.device, values=False)  # as in VelocityMLP.forward
         a, b, c_in = (c.reshape((-1,) + (1,) * (x.dim() - 1)) for c in self.coefficients(tt))
         centred = x - tt.reshape(a.shape) * self.data_mean
         return self.data_mean + a * centred + b * self.net(c_in * centred, tt)

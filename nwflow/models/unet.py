@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nwflow._checks import check_instance, check_positive_int, check_time
 from nwflow.models.mlp import TimeEmbedding
 
 __all__ = ["UNet"]
@@ -57,11 +58,12 @@ class UNet(nn.Module):
                  time_dim: int = 64) -> None:
         super().__init__()
         for name, value in (("channels", channels), ("base", base), ("time_dim", time_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if (not isinstance(mults, tuple) or not mults
-                or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in mults)):
+            check_positive_int(value, name)
+        check_instance(mults, "mults", tuple, "a non-empty tuple of positive ints")
+        if not mults:
             raise ValueError(f"mults must be a non-empty tuple of positive ints, got {mults!r}")
+        for k, m in enumerate(mults):
+            check_positive_int(m, f"mults[{k}]")
         if time_dim % 2:
             raise ValueError(f"time_dim must be even, got {time_dim}")
         self.channels = channels
@@ -98,12 +100,7 @@ class UNet(nn.Module):
             raise ValueError(f"x must have shape (B, {self.channels}, H, W), got {tuple(x.shape)}")
         if x.shape[2] % self.factor or x.shape[3] % self.factor:
             raise ValueError(f"H and W must be divisible by {self.factor}, got {tuple(x.shape[2:])}")
-        tt = torch.as_tensor(t, dtype=x.dtype, device=x.device)
-        if tt.dim() == 0:
-            tt = tt.expand(x.shape[0])
-        elif tt.shape != (x.shape[0],):
-            raise ValueError(f"t must be a number, 0-d or ({x.shape[0]},), got shape {tuple(tt.shape)}")
-        emb = self.embed(tt)
+        emb = self.embed(check_time(t, x.shape[0], x.dtype, x.device, values=False))  # as in VelocityMLP
         h = self.inp(x)
         skips = []
         for k, block in enumerate(self.down_blocks):
