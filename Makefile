@@ -1,6 +1,6 @@
 # Two entry points: `make book` (the website) and `make test` (the whole suite); `make lint`,
-# `make bench` (benchmarks/: velocity, trajectory, sharded) and `make assignments` (the course's notebooks) beside
-# them. All create $(VENV) if it is missing. torch is installed first, and only when the
+# `make bench` (benchmarks/: velocity, trajectory, sharded) and `make assignments` (the
+# course's notebooks) beside them. All create $(VENV) if it is missing. torch is installed first, and only when the
 # environment has none, so a GPU user's CUDA build is kept; torch==2.13.0 is the CPU wheel that
 # lies on the development machines' disk.
 VENV ?= .venv

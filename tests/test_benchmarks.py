@@ -71,7 +71,8 @@ def test_trajectory_smoke_run_follows_the_closed_form_and_writes_json(tmp_path):
     script = ROOT / "benchmarks" / "trajectory.py"
     args = ["--synthetic", "--n", "600", "--D", "16", "--batches", "4", "--steps", "8", "--checks", "3",
             "--threads", "1", "--out", str(out)]
-    run = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    run = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600,
+                         cwd=ROOT)
     assert run.returncode == 0, run.stderr
     record = json.loads(out.read_text())
     (r,) = record["results"]
