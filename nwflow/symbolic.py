@@ -23,6 +23,8 @@ import numpy as np
 import sympy as sp
 from sympy.stats import Normal, density
 
+from nwflow._checks import check_instance, check_positive_int
+
 __all__ = [
     "t", "sigma_min", "sigma", "h", "sigma_t",
     "vector", "support", "dot", "sqnorm", "on_path",
@@ -47,17 +49,15 @@ sigma_t = 1 - (1 - sigma_min) * t
 # -- vectors ---------------------------------------------------------------------------
 def vector(name: str, d: int) -> sp.Matrix:
     """A (d, 1) column of real symbols ``name_1 .. name_d``."""
-    if isinstance(d, bool) or not isinstance(d, int) or d < 1:
-        raise ValueError(f"d must be a positive int, got {d!r}")
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"name must be a non-empty str, got {name!r}")
+    check_positive_int(d, "d")
+    if not check_instance(name, "name", str):
+        raise ValueError(f"name must be a non-empty str, got {name!r}")
     return sp.Matrix(sp.symbols(f"{name}_1:{d + 1}", real=True))
 
 
 def support(n: int, d: int, name: str = "y") -> list[sp.Matrix]:
     """The support {x^(1..n)} as n symbolic (d, 1) vectors ``name_j_k``."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
+    check_positive_int(n, "n")
     return [vector(f"{name}_{j}", d) for j in range(1, n + 1)]
 
 

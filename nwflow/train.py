@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nwflow._checks import check_nonnegative_int, check_positive_int, check_positive_real
 from nwflow._io import save_torch_atomic
 from nwflow._progress import progress_bar
 
@@ -52,12 +53,9 @@ def train_velocity(
       at the end. If it exists, training resumes from it (same ``config`` required).
     - Returns ``{"step": [...], "loss": [...]}``, one entry per step (resumed steps included).
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be a non-negative int, got {steps!r}")
-    if not lr > 0:
-        raise ValueError(f"lr must be positive, got {lr!r}")
-    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
-        raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
+    check_nonnegative_int(steps, "steps")
+    lr = check_positive_real(lr, "lr")
+    check_positive_int(checkpoint_every, "checkpoint_every")
     config = dict(config or {})
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:

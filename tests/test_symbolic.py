@@ -242,8 +242,10 @@ def test_limit_t1_with_sigma_min_is_finite(rng):
 def test_bad_arguments():
     with pytest.raises(ValueError, match="d must"):
         S.vector("x", 0)
-    with pytest.raises(TypeError, match="name"):
+    with pytest.raises(ValueError, match="^name must be a non-empty str, got ''$"):
         S.vector("", 2)
+    with pytest.raises(TypeError, match="^name must be a str, got int$"):
+        S.vector(3, 2)
     with pytest.raises(ValueError, match="n must"):
         S.support(0, 2)
     with pytest.raises(ValueError, match="same shape"):
