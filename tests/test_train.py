@@ -82,4 +82,5 @@ def test_train_imports_only_the_floors():
     """train sits below the experiments: its nwflow imports are the checks, the atomic writer and the bar."""
     tree = ast.parse((Path(__file__).resolve().parents[1] / "nwflow" / "train.py").read_text())
     names = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert {n for n in names if n.startswith("nwflow")} == {"nwflow._checks", "nwflow._io", "nwflow._progress"}
+    floors = {"nwflow._checks", "nwflow._io", "nwflow._progress"}
+    assert {n for n in names if n.startswith("nwflow")} == floors
