@@ -23,6 +23,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_book_install import install_cell, repository
+
+INSTALL = install_cell(*repository())
 
 ROOT = Path(__file__).resolve().parents[1]
 EXERCISE = re.compile(r"^(`{3,}|:{3,})\{exercise\}[^\n]*\n(?::[a-z-]+:[^\n]*\n)*?:label:\s*(\S+)", re.M)
@@ -109,7 +112,9 @@ def test_notebook_imports_nwflow(path):
 
 
 def _code_cells(path: Path) -> list[tuple[int, str]]:
-    return [(i, _source(c)) for i, c in enumerate(_cells(path)) if c["cell_type"] == "code"]
+    """A chapter's code cells, without its install cell (tests/test_book_install.py checks that)."""
+    return [(i, _source(c)) for i, c in enumerate(_cells(path))
+            if c["cell_type"] == "code" and _source(c) != INSTALL]
 
 
 def _imports(source: str) -> list[ast.Import | ast.ImportFrom]:

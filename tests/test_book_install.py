@@ -142,8 +142,6 @@ def _chapters() -> list[Path]:
     return [p for p in files if p.relative_to(ROOT).parts[1].startswith("part")]
 
 
-@pytest.mark.skip(reason="the chapters do not carry the install cell yet (issue 16: applied by the lead "
-                         "to every chapter as its first code cell)")
 @pytest.mark.parametrize("path", _chapters(), ids=lambda p: p.name)
 def test_chapter_first_code_cell_is_the_install_cell(path):
     cells = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
