@@ -73,7 +73,17 @@ FAMILIES = ("mixture", "shells")
 # -- tasks ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TaskConfig:
-    """The distribution over tasks (a "meta-distribution") and the sizes of one training task.
+    r"""The distribution over tasks (a "meta-distribution") and the sizes of one training task.
+
+    .. math:: P_{\text{mixture}} = \frac{1}{k} \sum_{c=1}^{k} N(\mu_c, \Sigma_c), \quad
+        \lVert \mu_c \rVert = r; \qquad
+        P_{\text{shells}}: \ x = r_c u + \sigma \varepsilon, \quad u \sim \mathcal{U}(S^{d-1}), \quad
+        \varepsilon \sim N(0, I_d)
+
+    (:func:`nwflow.data.toy.gaussian_mixture` with random means, and
+    :func:`nwflow.data.toy.spherical_shells` with the shell c uniform). Shapes: a task's support
+    is (m, d) = (``support_size``, ``dim``), its queries per step (``query_size``, ``dim``).
+    Chapter 5, section 4.
 
     - ``dim``: ambient dimension d; ``support_size``: m; ``query_size``: points x1 ~ P per
       task and training step.
@@ -139,11 +149,15 @@ def _one_task(config: TaskConfig, family: str, n: int, g: torch.Generator) -> to
 
 def sample_tasks(config: TaskConfig, n_tasks: int, n_heldout: int, generator: torch.Generator,
                  family: str | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Draw ``n_tasks`` tasks; from each, a support and ``n_heldout`` fresh points.
+    r"""Draw ``n_tasks`` tasks; from each, a support and ``n_heldout`` fresh points.
 
-    Returns ``(support (T, m, d), heldout (T, n_heldout, d), families)`` in float32. The
-    family of each task is drawn uniformly from ``config.families`` unless ``family`` fixes
-    it. Deterministic given the generator's state.
+    .. math:: P_k \sim \mathcal{P}, \qquad S_k = \{s_{k,1}, \dots, s_{k,m}\} \overset{\text{iid}}{\sim} P_k,
+        \qquad x_{k,1}, \dots, x_{k,n_{\text{heldout}}} \overset{\text{iid}}{\sim} P_k
+
+    with the meta-distribution of :class:`TaskConfig`. Shapes: returns
+    ``(support (T, m, d), heldout (T, n_heldout, d), families)`` in float32, T = ``n_tasks``.
+    The family of each task is drawn uniformly from ``config.families`` unless ``family``
+    fixes it. Deterministic given the generator's state. Chapter 5.
     """
     check_instance(config, "config", TaskConfig)
     check_positive_int(n_tasks, "n_tasks")
@@ -186,11 +200,15 @@ def _check_pair(x: torch.Tensor, support: torch.Tensor) -> None:
 
 def support_logits(x: torch.Tensor, t: float | torch.Tensor, support: torch.Tensor,
                    sigma_min: float = 0.0) -> torch.Tensor:
-    r"""Posterior logits l_j = -||x - t s_j||^2 / (2 sigma_t^2) per task, (T, N, m), float64.
+    r"""Posterior logits of each task's support, (T, N, m), float64.
 
-    ``x`` (T, N, d) queries, ``support`` (T, m, d), ``t`` a number, (T,) or (T, N).
-    Computed as (2 t <x, s_j> - t^2 ||s_j||^2 - ||x||^2) / (2 sigma_t^2) in float64, so
-    the value is accurate even where 1 / sigma_t^2 is large. Requires sigma_t > 0.
+    .. math:: l_j(x, t \mid S) = -\frac{\lVert x - t s_j \rVert^2}{2\sigma_t^2}
+        = \frac{2t \langle x, s_j \rangle - t^2 \lVert s_j \rVert^2 - \lVert x \rVert^2}{2\sigma_t^2}
+
+    (for t > 0 the chapter's -||x/t - s_j||^2 / (2 h(t)^2), h = sigma_t / t). Computed in the
+    expanded form in float64, so the value is accurate even where 1 / sigma_t^2 is large.
+    Requires sigma_t > 0. Shapes: ``x`` (T, N, d) queries, ``support`` (T, m, d), ``t`` a
+    number, (T,) or (T, N). Chapter 5, eq. (nw-field).
     """
     _check_pair(x, support)
     tt = _time(t, x)
@@ -207,7 +225,14 @@ def support_logits(x: torch.Tensor, t: float | torch.Tensor, support: torch.Tens
 
 def support_posterior(x: torch.Tensor, t: float | torch.Tensor, support: torch.Tensor,
                       sigma_min: float = 0.0) -> torch.Tensor:
-    """Posterior weights w_j(x, t | S) = softmax_j(l_j), (T, N, m) float64; see :func:`support_logits`."""
+    r"""Posterior weights of each task's support, (T, N, m) float64.
+
+    .. math:: w_j(x, t \mid S) = \operatorname{softmax}_j\big(l_j(x, t \mid S)\big)
+        = \frac{e^{l_j}}{\sum_{k=1}^{m} e^{l_k}}
+
+    with the logits of :func:`support_logits`. Shapes: ``x`` (T, N, d), ``support`` (T, m, d),
+    ``t`` a number, (T,) or (T, N). Chapter 5, eq. (nw-field).
+    """
     return torch.softmax(support_logits(x, t, support, sigma_min), dim=-1)
 
 
@@ -221,10 +246,14 @@ def _plug_in_numerator(x: torch.Tensor, tt: torch.Tensor, support: torch.Tensor,
 
 def support_velocity(x: torch.Tensor, t: float | torch.Tensor, support: torch.Tensor,
                      sigma_min: float = 0.0) -> torch.Tensor:
-    r"""The exact (plug-in) field of each task's support, u = (m_NW - (1 - sigma_min) x) / sigma_t.
+    r"""The exact (plug-in) field of each task's support.
 
-    The batched form of :func:`nwflow.velocity` (one support per task): ``x`` (T, N, d),
-    ``support`` (T, m, d), ``t`` a number, (T,) or (T, N). Returns (T, N, d) in x's dtype.
+    .. math:: m_{\text{NW}}(x, t \mid S) = \sum_j w_j(x, t \mid S)\, s_j, \qquad
+        u_{\text{NW}}(x, t \mid S) = \frac{m_{\text{NW}} - (1 - \sigma_{\min})\, x}{\sigma_t}
+
+    The batched form of :func:`nwflow.velocity` (one support per task). Shapes: ``x``
+    (T, N, d), ``support`` (T, m, d), ``t`` a number, (T,) or (T, N). Returns (T, N, d) in x's
+    dtype. Chapter 5, eq. (nw-field).
     """
     tt = _time(t, x)
     return (_plug_in_numerator(x, tt, support, sigma_min) / sigma(tt, sigma_min)[..., None]).to(x.dtype)
@@ -232,10 +261,15 @@ def support_velocity(x: torch.Tensor, t: float | torch.Tensor, support: torch.Te
 
 # -- the learned field ---------------------------------------------------------------------
 class CrossAttention(nn.Module):
-    """Multi-head cross-attention of queries (T, N, W) on support tokens (T, m, W).
+    r"""Multi-head cross-attention of queries (T, N, W) on support tokens (T, m, W).
 
-    ``forward`` returns the attended values (T, N, W) and the logits q k^T / sqrt(d_head),
-    (T, heads, N, m), so the chapter can compare them with the Nadaraya-Watson logits.
+    .. math:: \ell_{ij} = \frac{\langle q_i, k_j \rangle}{\sqrt{d_{\text{head}}}}, \qquad
+        a_i = \sum_j \operatorname{softmax}_j(\ell_{ij})\, v_j
+
+    per head, with q, k, v linear maps of the queries and tokens; the heads' a_i are
+    concatenated and mapped by a linear layer. ``forward`` returns those values (T, N, W) and
+    the logits (T, heads, N, m), so the chapter can compare them with the Nadaraya-Watson
+    logits. Chapter 5, section 6.
     """
 
     def __init__(self, width: int, heads: int) -> None:
@@ -280,6 +314,15 @@ class _Layer(nn.Module):
 class SupportConditionedVelocity(nn.Module):
     r"""A learned support-conditioned velocity v_theta(x, t | S) built from cross-attention.
 
+    .. math::
+
+        h_0 = \mathrm{MLP}\big([x, \mathrm{embed}(t)]\big), \qquad
+        h_l' = h_{l-1} + \mathrm{Attn}_l\big(\mathrm{LN}(h_{l-1}), \{\mathrm{MLP}(s_j)\}_j\big), \qquad
+        h_l = h_l' + \mathrm{FFN}_l\big(\mathrm{LN}(h_l')\big),
+
+        v_\theta(x, t \mid S) = \mathrm{MLP}\big([\mathrm{LN}(h_L), e]\big), \qquad
+        e = \sigma_t u_{\text{NW}} = m_{\text{NW}} - (1 - \sigma_{\min})\, x
+
     ``SupportConditionedVelocity(dim, width=64, heads=4, layers=2, time_dim=32,
     exact_head=True, sigma_min=0.01)``
 
@@ -291,7 +334,7 @@ class SupportConditionedVelocity(nn.Module):
 
     ``forward(x, t, support)``: ``x`` (T, N, d), ``t`` a number, (T,) or (T, N) in [0, 1],
     ``support`` (T, m, d) -> velocity (T, N, d). :meth:`attention_logits` returns each
-    layer's logits (T, heads, N, m).
+    layer's logits (T, heads, N, m). Chapter 5, section 4.
     """
 
     def __init__(self, dim: int, width: int = 64, heads: int = 4, layers: int = 2, time_dim: int = 32,
@@ -332,19 +375,37 @@ class SupportConditionedVelocity(nn.Module):
         return self.head(feats), all_logits
 
     def forward(self, x: torch.Tensor, t: float | torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+        r"""The learned velocity (the class equation; without e when ``exact_head`` is False).
+
+        .. math:: v_\theta(x, t \mid S) = \mathrm{MLP}\big([\mathrm{LN}(h_L), e]\big)
+
+        Shapes: ``x`` (T, N, d), ``t`` a number, (T,) or (T, N) in [0, 1], ``support``
+        (T, m, d); returns (T, N, d). Chapter 5.
+        """
         return self._run(x, t, support)[0]
 
     def attention_logits(self, x: torch.Tensor, t: float | torch.Tensor, support: torch.Tensor
                          ) -> list[torch.Tensor]:
-        """Cross-attention logits of every layer, each (T, heads, N, m)."""
+        r"""Cross-attention logits of every layer, each (T, heads, N, m).
+
+        .. math:: \ell^{(l)}_{ij} = \frac{\langle q^{(l)}_i, k^{(l)}_j \rangle}{\sqrt{d_{\text{head}}}}
+
+        per head, for query i and support point j: what the chapter compares (by rank
+        correlation) with the Nadaraya-Watson logits of :func:`support_logits`. Shapes: as
+        :meth:`forward`; returns a list of ``layers`` tensors. Chapter 5, section 6.
+        """
         return self._run(x, t, support)[1]
 
 
 class PackedTasks(nn.Module):
-    """``model(x, t)`` form of a support-conditioned field, for :func:`nwflow.train.train_velocity`.
+    r"""``model(x, t)`` form of a support-conditioned field, for :func:`nwflow.train.train_velocity`.
+
+    .. math:: \text{packed}_k = [x_{k,1}, \dots, x_{k,N}, s_{k,1}, \dots, s_{k,m}]
+        \;\mapsto\; v_\theta(x_{k,n}, t_{k,n} \mid S_k), \quad n = 1, \dots, N
 
     ``forward(packed, t)``: ``packed`` (T, N + m, d) holds the N queries of each task followed
     by its m support points; ``t`` is (T, N), which fixes N. Returns the velocity (T, N, d).
+    Chapter 5.
     """
 
     def __init__(self, field: SupportConditionedVelocity) -> None:
@@ -352,6 +413,12 @@ class PackedTasks(nn.Module):
         self.field = field
 
     def forward(self, packed: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        r"""The field on the unpacked queries and support.
+
+        .. math:: v_\theta(x_{k,n}, t_{k,n} \mid S_k)
+
+        Shapes: ``packed`` (T, N + m, d), ``t`` (T, N); returns (T, N, d). Chapter 5.
+        """
         n = t.shape[1]
         return self.field(packed[:, :n], t, packed[:, n:])
 
@@ -360,9 +427,12 @@ def flow_matching_batch(config: TaskConfig, n_tasks: int, generator: torch.Gener
                         sigma_min: float = 0.01) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""One flow-matching batch over ``n_tasks`` random tasks, packed for :class:`PackedTasks`.
 
+    .. math:: x_t = \sigma_t x_0 + t x_1, \qquad \sigma_t = 1 - (1 - \sigma_{\min})\, t, \qquad
+        \text{target} = x_1 - (1 - \sigma_{\min})\, x_0
+
     Per task: a support S (m points) and N = ``config.query_size`` fresh x1 ~ P, x0 ~ N(0, I),
-    t ~ U[0, 1), x_t = sigma_t x0 + t x1. Returns ``(packed (T, N + m, d) = [x_t; S],
-    t (T, N), target (T, N, d) = x1 - (1 - sigma_min) x0)``.
+    t ~ U[0, 1). Shapes: returns ``(packed (T, N + m, d) = [x_t; S], t (T, N),
+    target (T, N, d))``, T = ``n_tasks``. Chapter 5, section 4.
     """
     support, x1, _ = sample_tasks(config, n_tasks, config.query_size, generator)
     x0 = torch.randn(x1.shape, generator=generator)
@@ -375,11 +445,17 @@ def train_conditioner(model: SupportConditionedVelocity, config: TaskConfig, ste
                       n_tasks: int = 16, lr: float = 1e-3, seed: int = 0,
                       checkpoint: str | os.PathLike | None = None, progress: bool = True,
                       ) -> dict[str, list[float]]:
-    """Train ``model`` by flow matching over random tasks with :func:`nwflow.train.train_velocity`.
+    r"""Train ``model`` by flow matching over random tasks with :func:`nwflow.train.train_velocity`.
 
-    Each step draws ``n_tasks`` tasks from ``config`` (:func:`flow_matching_batch`). The
-    checkpoint (atomic, resumable) records the task and model configuration, so a resumed
-    run must use the same ones. Returns the loss history ``{"step": [...], "loss": [...]}``.
+    .. math:: L(\theta) = \frac{1}{T N d} \sum_{k=1}^{T} \sum_{n=1}^{N}
+        \big\lVert v_\theta(x_{t,kn}, t_{kn} \mid S_k)
+        - (x_{1,kn} - (1 - \sigma_{\min})\, x_{0,kn}) \big\rVert^2
+
+    Each step draws T = ``n_tasks`` tasks from ``config`` (:func:`flow_matching_batch`, N =
+    ``config.query_size`` queries per task) and takes one Adam step on L. The checkpoint
+    (atomic, resumable) records the task and model configuration, so a resumed run must use
+    the same ones. Shapes: the model's d = ``config.dim``. Returns the loss history
+    ``{"step": [...], "loss": [...]}``. Chapter 5, section 4.
     """
     check_instance(model, "model", SupportConditionedVelocity)
     if model.dim != config.dim:
@@ -402,11 +478,15 @@ def train_conditioner(model: SupportConditionedVelocity, config: TaskConfig, ste
 @torch.no_grad()
 def sample_field(field, support: torch.Tensor, n: int, generator: torch.Generator, steps: int = 100
                  ) -> torch.Tensor:
-    """Samples of a support-conditioned field: Euler from x0 ~ N(0, I) at t = 0 to t = 1.
+    r"""Samples of a support-conditioned field: Euler from x0 ~ N(0, I) at t = 0 to t = 1.
 
+    .. math:: x_{k+1} = x_k + \frac{1}{K}\, v(x_k, t_k \mid S), \qquad t_k = \frac{k}{K}, \quad
+        k = 0, \dots, K - 1
+
+    with K = ``steps``, so the field is never evaluated at t = 1.
     ``field(x (T, n, d), t (0-d), support (T, m, d))`` is a learned model or
-    ``lambda x, t, s: support_velocity(x, t, s, sigma_min)``. The field is evaluated at
-    t_k = k / steps, k < steps (never at t = 1). Returns (T, n, d).
+    ``lambda x, t, s: support_velocity(x, t, s, sigma_min)``. Shapes: support (T, m, d);
+    returns (T, n, d). Chapter 5.
     """
     x0 = torch.randn((support.shape[0], n, support.shape[2]), generator=generator).to(support.device)
     return integrate(lambda x, t: field(x, t, support), x0, steps=steps, method="euler")
@@ -415,12 +495,16 @@ def sample_field(field, support: torch.Tensor, n: int, generator: torch.Generato
 @torch.no_grad()
 def fm_error_over_t(field, support: torch.Tensor, heldout: torch.Tensor, times: list[float],
                     generator: torch.Generator, sigma_min: float = 0.01) -> np.ndarray:
-    r"""Held-out flow-matching error per time, E ||v(x_t, t | S) - (x1 - (1 - sigma_min) x0)||^2.
+    r"""Held-out flow-matching error per time.
+
+    .. math:: E(t) = \mathbb{E} \big\lVert v(x_t, t \mid S) - (x_1 - (1 - \sigma_{\min})\, x_0) \big\rVert^2,
+        \qquad x_t = \sigma_t x_0 + t x_1
 
     x1 are held-out points of each task (not in the support), x0 fresh noise. Its excess over
     the population field's value is E ||v - u_P||^2 (the conditional target's variance does
     not depend on v), so differences between fields are differences in velocity error.
-    Returns (len(times),) averaged over tasks and points (sum over coordinates).
+    Shapes: support (T, m, d), heldout (T, n, d); returns (len(times),) averaged over tasks
+    and points (sum over coordinates). Chapter 5, section 4.
     """
     out = []
     for t in times:
@@ -433,10 +517,15 @@ def fm_error_over_t(field, support: torch.Tensor, heldout: torch.Tensor, times: 
 
 
 def rank_correlation(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> np.ndarray:
-    """Spearman's rho between the last axes of ``a`` and ``b`` (broadcast), row by row.
+    r"""Spearman's rho between the last axes of ``a`` and ``b`` (broadcast), row by row.
 
-    Ranks with ties averaged (as :func:`scipy.stats.spearmanr`), then Pearson correlation of
-    the ranks. Returns the broadcast leading shape; rows with constant ranks give NaN.
+    .. math:: \rho = \frac{\sum_j (r_j - \bar r)(q_j - \bar q)}
+        {\sqrt{\sum_j (r_j - \bar r)^2 \sum_j (q_j - \bar q)^2}}
+
+    with r and q the ranks of a and b along the last axis, ties averaged (as
+    :func:`scipy.stats.spearmanr`): the Pearson correlation of the ranks. Shapes: a (*L, m),
+    b (*L, m) broadcast; returns the broadcast leading shape *L; rows with constant ranks give
+    NaN. Chapter 5, section 6.
     """
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
