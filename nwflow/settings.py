@@ -106,7 +106,10 @@ def cache_dir(name: str) -> Path:
     Full mode: ``NWFLOW_CACHE_DIR/name`` (default ``~/.cache/nwflow/name``), kept between
     runs. Fast mode: a per-process temporary folder, removed when the process exits.
     """
-    if not isinstance(name, str) or not name or os.sep in name:
+    # _checks' policy and wording, spelled here: settings is a floor beside _checks.
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}")
+    if not name or os.sep in name:
         raise ValueError(f"name must be a non-empty folder name, got {name!r}")
     if fast_mode():
         root = _scratch()

@@ -56,9 +56,15 @@ def test_cache_dir_in_full_mode_is_kept_under_the_cache_root(monkeypatch, tmp_pa
     assert settings.cache_dir("ch6") == tmp_path / "home" / ".cache" / "nwflow" / "ch6"
 
 
-@pytest.mark.parametrize("name", ["", "a/b", None, 3])
+@pytest.mark.parametrize("name", ["", "a/b"])
 def test_cache_dir_refuses_a_bad_name(name):
-    with pytest.raises(ValueError, match="name"):
+    with pytest.raises(ValueError, match=f"^name must be a non-empty folder name, got {name!r}$"):
+        settings.cache_dir(name)
+
+
+@pytest.mark.parametrize("name", [None, 3])
+def test_cache_dir_refuses_a_name_that_is_not_a_str(name):
+    with pytest.raises(TypeError, match=f"^name must be a str, got {type(name).__name__}$"):
         settings.cache_dir(name)
 
 

@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from nwflow._checks import check_choice
 from nwflow._io import write_json_atomic
 from nwflow.provenance import provenance
 from nwflow.settings import checkpoint_path, default_device, results_dir
@@ -36,8 +37,7 @@ def configure(presets: dict[str, dict[str, Any]], common: dict[str, Any], name: 
     Raises ``ValueError`` for an unknown preset ``name`` or an override key that the preset
     does not define, so a typo never silently trains the default.
     """
-    if name not in presets:
-        raise ValueError(f"preset must be one of {sorted(presets)}, got {name!r}")
+    check_choice(name, "preset", sorted(presets))
     config = {"preset": name, **common, **presets[name]}
     unknown = set(overrides) - set(config)
     if unknown:
@@ -48,8 +48,7 @@ def configure(presets: dict[str, dict[str, Any]], common: dict[str, Any], name: 
 
 def result_path(stem: str, preset: str, variant: str = "") -> Path:
     """``results_dir() / f"{stem}_{preset}{variant}.json"``, inside ``gpu/`` for the gpu preset."""
-    if preset not in PRESET_NAMES:
-        raise ValueError(f"preset must be one of {PRESET_NAMES}, got {preset!r}")
+    check_choice(preset, "preset", PRESET_NAMES)
     folder = results_dir() / "gpu" if preset == "gpu" else results_dir()
     return folder / f"{stem}_{preset}{variant}.json"
 
