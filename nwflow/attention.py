@@ -39,10 +39,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nwflow._checks import check_query, check_sigma_min, check_support, check_time
+from nwflow._checks import check_query, check_sigma_min, check_support
 from nwflow._precision import WIDE, compute_dtype, exact_matmul
 from nwflow._stream import softmax_mean
-from nwflow.path import sigma
+from nwflow.path import sigma, time_per_row
 
 __all__ = ["GaussianKernelAttention"]
 
@@ -100,8 +100,7 @@ class GaussianKernelAttention(nn.Module):
     def _inputs(self, x: torch.Tensor, t: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         check_query(x, self.sample_shape, self.input_dtype, self.keys.device, "x")
         # Coefficients in the wide dtype, cast once: fp32 and fp64 see the same t.
-        tt = check_time(t, batch=x.shape[0], dtype=WIDE, device=self.keys.device, name="t",
-                        sigma_min=self.sigma_min)
+        tt = time_per_row(t, x, sigma_min=self.sigma_min, dtype=WIDE)
         return x.reshape(x.shape[0], self.keys.shape[1] - 1).to(self.keys.dtype), tt
 
     def _query(self, xf: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
