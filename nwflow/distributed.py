@@ -55,7 +55,8 @@ class ShardedField(EmpiricalField):
     ``velocity``, ``posterior_mean``, ``score`` (B, *S) and ``effective_neighbours`` (B,) take
     the same ``x`` (B, *S) and ``t`` on every rank and return the whole support's result on every
     rank; all ranks must make the same calls in the same order (they are collective).
-    ``posterior_weights`` over a sharded support is not provided. Planned Part III.
+    ``posterior_weights`` over a sharded support is not provided. The online log-sum-exp it
+    extends across ranks: chapter 3 (its performance: planned Part III).
     """
 
     def __init__(self, local_support: torch.Tensor, group: dist.ProcessGroup | None = None,

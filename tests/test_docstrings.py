@@ -21,8 +21,8 @@ _spec = importlib.util.spec_from_file_location("nwflow_docstrings", _EXT)
 ext = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(ext)
 
-MODULES = ["path", "empirical", "attention", "efm", "ot", "proximal", "rectified", "conditioner",
-           "solvers", "metrics"]
+MODULES = ["path", "empirical", "distributed", "attention", "efm", "ot", "proximal", "rectified",
+           "conditioner", "solvers", "metrics"]
 
 # Public names without an equation or without tensors, each with its reason.
 EXEMPT = {
@@ -30,6 +30,7 @@ EXEMPT = {
     "nwflow.solvers.ADAPTIVE_METHODS": "a constant: the names of torchdiffeq's adaptive methods",
     "nwflow.conditioner.TaskConfig": "a configuration dataclass (sizes of the sampled tasks)",
     "nwflow.attention.GaussianKernelAttention.extra_repr": "nn.Module's repr hook",
+    "nwflow.distributed.ShardedField.posterior_weights": "not provided over a sharded support: it raises",
 }
 
 SHAPE = re.compile(r"\((?:\*?\w+(?: [+-] \d+)?, ?)+(?:\*?\w+(?: [+-] \d+)?)?\)|\bshapes?\b", re.IGNORECASE)
