@@ -52,9 +52,14 @@ def support(args: argparse.Namespace) -> tuple[torch.Tensor, str]:
     return images.reshape(len(images), -1), f"CIFAR-10 train, first {len(images)} images (loader's source)"
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def run_batch(X: torch.Tensor, B: int, args: argparse.Namespace) -> dict:
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(B, X.shape[1], generator=g)
+    x = torch.randn(B, X.shape[1], generator=g).to(X.device)
     field, exact = EmpiricalField(X), EmpiricalField(X.double())
     norms = torch.linalg.vector_norm(X, dim=1).square()
     fns = {"field": lambda x, t: field.velocity(x, t), "two_gemm_pre": lambda x, t: two_gemm(x, t, X, norms),
@@ -68,8 +73,10 @@ def run_batch(X: torch.Tensor, B: int, args: argparse.Namespace) -> dict:
         for k, (t, t_next) in enumerate(zip(grid[:-1], grid[1:], strict=True)):
             step = {"t": t, "time_s": {}}
             for name, fn in fns.items():
+                sync(X.device)
                 start = time.perf_counter()
                 u = fn(x, t)
+                sync(X.device)
                 step["time_s"][name] = time.perf_counter() - start
                 if name == "field":
                     u_field = u
@@ -99,6 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--t1", type=float, default=0.99)
     p.add_argument("--checks", type=int, default=5, help="steps compared with float64")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--synthetic", action="store_true", help="uniform data instead of CIFAR-10")
     p.add_argument("--root", default=None, help="CIFAR-10 folder (default NWFLOW_DATA_DIR)")
     p.add_argument("--out", type=Path, default=None)
@@ -109,12 +117,13 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     start = time.time()
     X, data = support(args)
+    X = X.to(args.device)
     results = [run_batch(X, B, args) for B in args.batches]
     config = {k: getattr(args, k) for k in ("n", "batches", "steps", "t1", "checks", "synthetic")}
-    record = {"data": data, "n": len(X), "D": X.shape[1], "cpu_model": cpu_model(),
+    record = {"data": data, "n": len(X), "D": X.shape[1], "device": str(X.device), "cpu_model": cpu_model(),
               "threads": torch.get_num_threads(), "results": results,
-              "provenance": provenance(config, wall_time_s=time.time() - start)}
-    out = args.out or ROOT / "out" / f"trajectory-cpu-{time.strftime('%Y%m%d-%H%M%S')}.json"
+              "provenance": provenance(config, device=X.device, wall_time_s=time.time() - start)}
+    out = args.out or ROOT / "out" / f"trajectory-{X.device.type}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     write_json_atomic(out, record)
     for r in results:
         print(f"B={r['B']}: " + ", ".join(f"{k} {v:.2f}" for k, v in r["ratios"].items())

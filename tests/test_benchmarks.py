@@ -5,6 +5,7 @@ Structure only: timings on a shared machine are not asserted.
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -83,3 +84,10 @@ def test_trajectory_smoke_run_follows_the_closed_form_and_writes_json(tmp_path):
     assert r["steps"][0]["median_n_eff"] == pytest.approx(600, rel=1e-4)
     assert r["steps"][-1]["median_n_eff"] < r["steps"][0]["median_n_eff"]
     assert set(r["ratios"]) == {"field/two_gemm_pre", "field/sdpa_pre"} and "provenance" in record
+
+
+def test_gpu_check_script_parses_and_names_files_that_exist():
+    script = ROOT / "benchmarks" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    named = set(re.findall(r"\b((?:tests|benchmarks)/[\w/]+\.py)\b", script.read_text()))
+    assert named and all((ROOT / p).is_file() for p in named), named
