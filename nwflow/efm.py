@@ -42,6 +42,7 @@ import torch
 
 from nwflow._checks import (
     check_callable,
+    check_choice,
     check_float_tensor,
     check_optional_positive_int,
     check_positive_int,
@@ -147,7 +148,7 @@ def efm_target(
 class TargetSampler:
     r"""Training batches for CFM or EFM-M: ``sampler(step, generator) -> (x_t, t, target)``.
 
-    ``TargetSampler(support, batch_size, m=None, sigma_min=0.0, t_max=1.0)``
+    ``TargetSampler(support, batch_size, m=None, sigma_min=0.0, t_max=1.0, references="uniform")``
 
     .. math:: x_t = \sigma_t x_0 + t x_1, \qquad
         \text{target} = x_1 - (1 - \sigma_{\min})\, x_0 \ \text{(CFM)} \ \text{or} \ u_M(x_t, t)
@@ -158,8 +159,22 @@ class TargetSampler:
     target (B, *S), B = ``batch_size``. The target is
 
     - ``m=None``: the CFM target x1 - (1 - sigma_min) x0 (paper Algorithm 1);
-    - ``m=M``: the EFM-M target :func:`efm_target` with b^(1) = x1 and M - 1 references drawn
-      uniformly with replacement, shared by the batch (paper Algorithm 2).
+    - ``m=M``, ``references="uniform"``: the EFM-M target :func:`efm_target` with b^(1) = x1
+      and M - 1 references drawn uniformly with replacement, shared by the batch (paper
+      Algorithm 2): M references per row.
+    - ``m=M``, ``references="batch"``: the scheme of the authors' released training code
+      (``src/train_cifar10.py`` of github.com/generativemodels/closedformfm: the reference set
+      is the whole batch's x1 concatenated with M uniform draws): one shared set
+      R = [x1^(1), ..., x1^(B), b^(1), ..., b^(M)] of B + M points, the M draws uniform with
+      replacement, and the target is the closed form of R,
+
+      .. math:: \text{target}_i = \sum_{r \in R} \operatorname{softmax}_r\Big(
+          -\frac{\|x_t^i - t_i r\|^2}{2\sigma_{t_i}^2}\Big)\,
+          \frac{r - (1 - \sigma_{\min})\, x_t^i}{\sigma_{t_i}}.
+
+      Row i's own x1^(i) is in R once and the other B - 1 + M points are uniform draws
+      independent of x_t^i, so this is the estimator of :func:`efm_target` with B + M
+      references (unbiased, Proposition 2); here M counts the extra draws only.
 
     Random numbers come from ``generator`` (on the CPU; tensors are moved to the support's
     device), so a seeded generator reproduces the batches. This is the ``batch_fn`` of
@@ -167,15 +182,17 @@ class TargetSampler:
     """
 
     def __init__(self, support: torch.Tensor, batch_size: int, m: int | None = None,
-                 sigma_min: float = 0.0, t_max: float = 1.0) -> None:
+                 sigma_min: float = 0.0, t_max: float = 1.0, references: str = "uniform") -> None:
         self.support = check_support(support)
         self.batch_size = check_positive_int(batch_size, "batch_size")
         self.m = check_optional_positive_int(m, "m")  # None: CFM, M: EFM-M
         self.sigma_min = check_sigma_min(sigma_min)
         self.t_max = check_real(t_max, "t_max", 0.0, 1.0, low_open=True)
+        self.references = check_choice(references, "references", ("uniform", "batch"))
 
     def __repr__(self) -> str:
-        kind = "CFM" if self.m is None else f"EFM-{self.m}"
+        kind = ("CFM" if self.m is None else f"EFM-{self.m}"
+                + (" (batch + M references)" if self.references == "batch" else ""))
         return (f"TargetSampler({kind}, n={self.support.shape[0]}, batch_size={self.batch_size}, "
                 f"sigma_min={self.sigma_min})")
 
@@ -193,6 +210,10 @@ class TargetSampler:
         xt = sample_xt(x0, x1, t, self.sigma_min)
         if self.m is None:
             target = conditional_velocity(x0, x1, self.sigma_min)
+        elif self.references == "batch":
+            ref = torch.randint(n, (self.m,), generator=generator).to(dev)
+            shared = EmpiricalField(torch.cat([x1, sup[ref]]), sigma_min=self.sigma_min)
+            target = shared.velocity(xt, t)
         else:
             ref = torch.randint(n, (self.m - 1,), generator=generator).to(dev)
             target = efm_target(xt, t, x1, sup[ref], self.sigma_min)

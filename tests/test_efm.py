@@ -233,6 +233,50 @@ def test_sampler_efm_target_is_the_closed_form_when_m_is_huge():
     torch.testing.assert_close(target[keep], u[keep], rtol=0.05, atol=0.05)
 
 
+@pytest.mark.parametrize("sigma_min", [0.0, 0.1])
+def test_sampler_batch_references_is_the_closed_form_of_batch_plus_draws(sigma_min):
+    # The authors' released scheme, re-derived in numpy float64 from the same random draws:
+    # R = [x1 of every row, then m uniform draws], and row i's target is u_R(x_t^i, t_i).
+    g = torch.Generator().manual_seed(21)
+    n, B, m = 40, 6, 5
+    sup = torch.randn(n, 2, 2, generator=g, dtype=torch.float64)
+    xt, t, target = TargetSampler(sup, B, m=m, sigma_min=sigma_min, references="batch")(
+        0, torch.Generator().manual_seed(22))
+    # The draws, in the sampler's order: rows of x1, x0, t, then the m references.
+    r = torch.Generator().manual_seed(22)
+    idx = torch.randint(n, (B,), generator=r)
+    x0 = torch.randn((B, 2, 2), generator=r, dtype=torch.float64)
+    tt = torch.rand(B, generator=r, dtype=torch.float64)
+    ref = torch.randint(n, (m,), generator=r)
+    np.testing.assert_allclose(t.numpy(), tt.numpy(), rtol=0, atol=0)
+    c = 1.0 - sigma_min
+    xt_ref = (1 - c * tt)[:, None, None] * x0 + tt[:, None, None] * sup[idx]
+    np.testing.assert_allclose(xt.numpy(), xt_ref.numpy(), rtol=1e-12, atol=1e-12)
+    R = np.concatenate([sup[idx].numpy(), sup[ref].numpy()]).reshape(B + m, -1)
+    for i in range(B):
+        want = ref_closed_form(xt_ref[i].numpy().ravel(), float(tt[i]), R, sigma_min)
+        np.testing.assert_allclose(target[i].numpy().ravel(), want, rtol=1e-9, atol=1e-9)
+        # ... which is EFM with b^(1) = x1^(i) and the B - 1 + m other points as references.
+        others = np.delete(R, i, axis=0)
+        b = np.concatenate([sup[idx[i]].numpy().reshape(1, -1), others])
+        np.testing.assert_allclose(target[i].numpy().ravel(), ref_target(xt_ref[i].numpy().ravel(),
+                                   float(tt[i]), b, sigma_min), rtol=1e-9, atol=1e-9)
+
+
+def test_sampler_batch_references_differs_from_uniform_and_is_checked():
+    g = torch.Generator().manual_seed(23)
+    sup = torch.randn(50, 3, generator=g)
+    a = TargetSampler(sup, 16, m=4, references="uniform")(0, torch.Generator().manual_seed(24))
+    b = TargetSampler(sup, 16, m=4, references="batch")(0, torch.Generator().manual_seed(24))
+    torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)       # same x_t and t ...
+    assert not torch.allclose(a[2], b[2], atol=1e-3)               # ... another reference set
+    assert "batch" in repr(TargetSampler(sup, 16, m=4, references="batch"))
+    with pytest.raises(ValueError, match="references"):
+        TargetSampler(sup, 16, m=4, references="all")
+    with pytest.raises(TypeError, match="references"):
+        TargetSampler(sup, 16, m=4, references=1)
+
+
 def test_hybrid_field_switches_at_tau():
     first = lambda x, t: torch.ones_like(x)  # noqa: E731
     second = lambda x, t: -torch.ones_like(x)  # noqa: E731
