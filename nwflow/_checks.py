@@ -200,7 +200,7 @@ def check_time(
     if values and tt.numel():
         lo, hi = float(tt.detach().min()), float(tt.detach().max())
         if lo < 0.0 or hi > 1.0:
-            raise ValueError(f"{name} must lie in [0, 1], got values in [{lo}, {hi}]")
+            raise ValueError(f"{name} must be in [0, 1], got values in [{lo}, {hi}]")
         if sigma_min == 0.0 and hi == 1.0:
             raise ValueError(
                 f"{name} = 1 with sigma_min = 0 is singular (sigma_1 = 0): "

@@ -143,7 +143,7 @@ def test_bad_input():
     head = GaussianKernelAttention(X)
     with pytest.raises(ValueError, match="t = 1 with sigma_min = 0"):
         head(torch.randn(2, 3), 1.0)
-    with pytest.raises(ValueError, match="^t must lie"):
+    with pytest.raises(ValueError, match=r"^t must be in \[0, 1\], got values in"):
         head(torch.randn(2, 3), -0.1)
     with pytest.raises(ValueError, match="^x must have shape"):
         head(torch.randn(2, 4), 0.5)

@@ -426,9 +426,10 @@ def test_bad_input_names_the_argument():
     dtype_msg = r"^x must have the support's dtype \(torch.float32\), got torch.float64"
     range_msg = r"^sigma_min must be a real number in \[0, 1\), got"
     cases = [
-        (ValueError, "^t must lie in", lambda: nwflow.velocity(x, 1.5, X)),
-        (ValueError, "^t must lie in", lambda: nwflow.velocity(x, -0.01, X)),
-        (ValueError, "^t must lie in", lambda: nwflow.velocity(x, torch.tensor([0.1, 0.2, 1.2, 0.3]), X)),
+        (ValueError, r"^t must be in \[0, 1\]", lambda: nwflow.velocity(x, 1.5, X)),
+        (ValueError, r"^t must be in \[0, 1\]", lambda: nwflow.velocity(x, -0.01, X)),
+        (ValueError, r"^t must be in \[0, 1\]",
+         lambda: nwflow.velocity(x, torch.tensor([0.1, 0.2, 1.2, 0.3]), X)),
         (ValueError, "^t = 1 with sigma_min = 0", lambda: nwflow.velocity(x, 1.0, X)),
         (ValueError, r"^t must be a number, a 0-d tensor or a \(4,\) tensor .*\(3,\)$",
          lambda: nwflow.velocity(x, torch.rand(3), X)),

@@ -98,7 +98,7 @@ def test_bad_input():
         conditional_velocity(x, torch.zeros(2, 2))
     with pytest.raises(ValueError, match="^x and x1 must have the same shape"):
         conditional_target(x, torch.zeros(3, 3), 0.5)
-    with pytest.raises(ValueError, match="^t must lie in"):
+    with pytest.raises(ValueError, match=r"^t must be in \[0, 1\], got values in"):
         sample_xt(x, x, 1.5)
     with pytest.raises(ValueError, match=r"^t must be a number, a 0-d tensor or a \(3,\) tensor .*\(2,\)$"):
         sample_xt(x, x, torch.tensor([0.1, 0.2]))

@@ -314,7 +314,7 @@ def test_bad_inputs_raise_named_errors():
         prox_conjugate(z, 1.0, X, g, eps=-1.0)
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         proximal_velocity(z, 1.0, X, g)
-    with pytest.raises(ValueError, match="t must lie"):
+    with pytest.raises(ValueError, match=r"^t must be in \[0, 1\], got values in"):
         proximal_velocity(z, -0.1, X, g)
     with pytest.raises(ValueError, match="support must have shape"):
         brenier_map(z, torch.zeros(5, dtype=torch.float64), g)

@@ -131,7 +131,7 @@ def test_affine_velocity_input_checks():
         rf.affine_velocity(x, 0.5, torch.zeros(3), torch.eye(2))
     with pytest.raises(ValueError, match="x must have shape"):
         rf.affine_velocity(torch.zeros(2, 2), 0.5, torch.zeros(3), torch.eye(3))
-    with pytest.raises(ValueError, match="t must lie in"):
+    with pytest.raises(ValueError, match=r"^t must be in \[0, 1\], got values in"):
         rf.affine_velocity(x, 1.5, torch.zeros(3), torch.eye(3))
 
 
