@@ -73,10 +73,6 @@ __all__ = [
 
 
 # -- input handling -------------------------------------------------------------------
-def _support(support: object) -> torch.Tensor:
-    return check_points(support, "support", rows="n")
-
-
 def _weights_g(g: object, support: torch.Tensor) -> torch.Tensor:
     g = check_float_tensor(g, "g")
     if g.shape != (support.shape[0],):
@@ -125,7 +121,7 @@ def laguerre_index(x0: torch.Tensor, support: torch.Tensor, g: torch.Tensor) -> 
     With g_j = ||x^(j)||^2 / 2 the cells are the Voronoi cells of the data. Shapes: x0 (B, D),
     support (n, D), g (n,); returns (B,) int64. Chapter 7, eq. (brenier-discrete).
     """
-    X = _support(support)
+    X = check_points(support, "support", rows="n")
     return _scores(_points(x0, X, "x0"), X.to(WIDE), _weights_g(g, X)).argmax(dim=1)
 
 
@@ -151,7 +147,7 @@ def brenier_potential(x0: torch.Tensor, support: torch.Tensor, g: torch.Tensor,
     phi_eps lies in [phi, phi + eps log n]. Shapes: x0 (B, D), support (n, D), g (n,).
     Returns (B,) in x0's dtype. Chapter 7, eqs. (brenier-discrete) and (nw-soft-brenier).
     """
-    X = _support(support)
+    X = check_points(support, "support", rows="n")
     eps = check_nonnegative_real(eps, "eps")
     a = _scores(_points(x0, X, "x0"), X.to(WIDE), _weights_g(g, X))
     out = a.amax(dim=1) if eps == 0 else eps * torch.logsumexp(a / eps, dim=1)
@@ -170,7 +166,7 @@ def brenier_map(x0: torch.Tensor, support: torch.Tensor, g: torch.Tensor, eps: f
     support (n, D), g (n,); returns (B, D) in x0's dtype. Chapter 7, eqs. (brenier-discrete)
     and (nw-soft-brenier).
     """
-    X = _support(support)
+    X = check_points(support, "support", rows="n")
     eps = check_nonnegative_real(eps, "eps")
     x0 = _points(x0, X, "x0")
     a = _scores(x0, X.to(WIDE), _weights_g(g, X))
@@ -250,7 +246,7 @@ def semidiscrete_dual(
     error ``mc_std``). Shapes: support (n, D); weights (n,) positive (uniform when None).
     Chapter 7.
     """
-    X = _support(support)
+    X = check_points(support, "support", rows="n")
     n, d = X.shape
     n_samples = check_positive_int(n_samples, "n_samples")
     n_check = check_positive_int(n_check, "n_check")
@@ -334,7 +330,7 @@ def conjugate_potential(y: torch.Tensor, support: torch.Tensor, g: torch.Tensor)
     import numpy as np
     from scipy.optimize import linprog
 
-    X = _support(support)
+    X = check_points(support, "support", rows="n")
     gv = _weights_g(g, X).cpu().numpy()
     y = _points(y, X, "y")
     A_eq = np.vstack([X.to(WIDE).cpu().numpy().T, np.ones((1, X.shape[0]))])
@@ -586,7 +582,7 @@ def prox_conjugate(z: torch.Tensor, h: float | torch.Tensor, support: torch.Tens
     ``weights`` lambda (B, n) and ``error_bound`` (B,) (zeros when eps > 0). Chapter 7,
     eq. (simplex-qp).
     """
-    X = _support(support)
+    X = check_points(support, "support", rows="n")
     z = _points(z, X, "z")
     gv = _weights_g(g, X)
     eps = check_nonnegative_real(eps, "eps")
@@ -626,7 +622,7 @@ def proximal_target(x: torch.Tensor, t: float | torch.Tensor, support: torch.Ten
     t in [0, 1) a number, 0-d or (B,); support (n, D); g (n,); returns (B, D) in x's dtype.
     Chapter 7, eq. (prox-target).
     """
-    X = _support(support)
+    X = check_points(support, "support", rows="n")
     x = _points(x, X, "x")
     gv = _weights_g(g, X)
     eps = check_nonnegative_real(eps, "eps")
