@@ -7,23 +7,35 @@ Bao, Xu and Chandramoorthy, "Flow Matching from Viewpoint of Proximal Operators"
 Source x0 ~ N(0, I_D); target the discrete measure sum_j b_j delta_{x^(j)} (uniform b by
 default). The optimal (Brenier) map is T = grad phi with the piecewise-linear convex potential
 
-    phi(x0) = max_j ( <x0, x^(j)> - g_j ),          T(x0) = x^(argmax_j)           (Brenier)
+.. math::
+
+    \varphi(x_0) = \max_j \big(\langle x_0, x^{(j)}\rangle - g_j\big), \qquad
+    T(x_0) = x^{(j)} \text{ on } L_j
 
 where the dual weights g make every Laguerre cell L_j = {x0 : j attains the max} carry mass
 b_j (:func:`semidiscrete_dual`). Its convex conjugate, the extended Brenier potential, is
 finite only on the convex hull of the data:
 
-    psi(y) = phi*(y) = min { sum_j lambda_j g_j : lambda in simplex, sum_j lambda_j x^(j) = y }.
+.. math::
+
+    \psi(y) = \varphi^*(y) = \min\Big\{\sum_j \lambda_j g_j : \lambda \in \Delta_n, \quad
+    \sum_j \lambda_j x^{(j)} = y\Big\}.
 
 OT-CFM moves x0 in a straight line, x_t = (1 - t) x0 + t T(x0). With h(t) = (1 - t) / t (the
 bandwidth of the kernel smoother at sigma_min = 0) the end point of the trajectory through x
 is a proximal operator and the velocity follows:
 
-    x1(x, t) = prox_{h psi}(x / t),     v(x, t) = (prox_{h psi}(x / t) - x) / (1 - t).   (prox)
+.. math::
+
+    x_1(x, t) = \operatorname{prox}_{h\psi}(x/t), \qquad
+    v(x, t) = \frac{\operatorname{prox}_{h\psi}(x/t) - x}{1 - t}.
 
 prox_{h psi}(z) = sum_j lambda_j x^(j) with lambda the solution of the simplex QP
 
-    min_{lambda in simplex}  sum_j lambda_j g_j + ||sum_j lambda_j x^(j) - z||^2 / (2 h),
+.. math::
+
+    \min_{\lambda \in \Delta_n}\, \sum_j \lambda_j g_j
+    + \frac{1}{2h}\Big\lVert \sum_j \lambda_j x^{(j)} - z \Big\rVert^2,
 
 whose dual is the D-dimensional problem min_u phi(u) + (h / 2) ||u - z / h||^2 (Moreau:
 prox_{h psi}(z) + h prox_{phi / h}(z / h) = z; the optimal u is the trajectory's origin x0).
