@@ -8,7 +8,10 @@ A rectified flow regresses a field v(x, t) onto the displacement of *fixed* pair
 (x0_i, x1_i), i = 1..N (x0 noise, x1 data), along the straight interpolant, possibly blurred
 by a constant noise of standard deviation sigma:
 
-    x_t = (1 - t) x0_i + t x1_i + sigma eps,   eps ~ N(0, I),    target d_i = x1_i - x0_i     (interpolant)
+.. math::
+
+    x_t = (1 - t)\, x_0^{(i)} + t\, x_1^{(i)} + \sigma \varepsilon, \quad \varepsilon \sim N(0, I),
+    \qquad d_i = x_1^{(i)} - x_0^{(i)}
 
 With sigma = 0 this is the book's path x_t = sigma_t x0 + t x1 with sigma_min = 0, taken on
 fixed pairs instead of fresh noise. ``sigma`` here is that interpolant noise, constant in t;
@@ -19,15 +22,16 @@ What lives here:
 - Affine transport in closed form. For a map T(z) = b + B z the straight lines
   x_t = (1 - t) z + t T(z) are the trajectories of
 
-      v(x, t) = b + (B - I) ((1 - t) I + t B)^{-1} (x - t b)                         (affine field)
+  .. math:: v(x, t) = b + (B - I) \big((1 - t) I + t B\big)^{-1} (x - t b)
 
   B = M^{1/2} is the optimal-transport field from N(0, I) to N(mu, M) (b = mu):
   v = theta + Theta (I + t Theta)^{-1} (x - t theta) with theta = mu, Theta = M^{1/2} - I.
   B = M^{1/2} R with R orthogonal is a rotated-OT field: same end marginals, other pairs.
 - The pair-optimal field, the minimiser over all fields of E_{i, t, eps} ||v(x_t, t) - d_i||^2:
 
-      v*(x, t) = sum_i w_i(x, t) d_i,   w_i = softmax_i( -||x - c_i(t)||^2 / (2 sigma^2) ),
-      c_i(t) = (1 - t) x0_i + t x1_i,                                                 (pair field)
+  .. math:: v^\star_\sigma(x, t) = \sum_i w_i(x, t)\, d_i, \qquad
+      w_i = \operatorname{softmax}_i\left(-\frac{\lVert x - c_i(t)\rVert^2}{2\sigma^2}\right), \qquad
+      c_i(t) = (1 - t)\, x_0^{(i)} + t\, x_1^{(i)},
 
   a Nadaraya-Watson smoother over the moving centres c_i(t) with bandwidth sigma. It is the
   closed form of Part I with the support replaced by the centres: the weights are
@@ -217,7 +221,7 @@ def affine_velocity(x: torch.Tensor, t: float | torch.Tensor, shift: torch.Tenso
     those pairs is zero. Shapes: x (B, d); t a number, 0-d or (B,) tensor in [0, 1]; shift (d,);
     matrix (d, d). Computed in float64 and returned in x's dtype. Raises ValueError where A_t is
     singular: there the lines of different z meet at the same time and no field exists (e.g.
-    B = -I at t = 1/2). Chapter 8, eq. (affine field).
+    B = -I at t = 1/2). Chapter 8, eq. (affine-field).
     """
     x = check_float_tensor(x, "x")
     b, m = _check_affine(x, shift, matrix)
@@ -274,7 +278,7 @@ def interpolant(x0: torch.Tensor, x1: torch.Tensor, t: float | torch.Tensor, sig
     With sigma = 0 it is ``nwflow.sample_xt(x0, x1, t, sigma_min=0)``; with sigma > 0 pass
     ``noise`` (standard normals shaped like x0). Its time derivative is x1 - x0 whatever sigma
     (the noise is fixed along the line). Shapes: x0, x1 (B, *S); t a number, 0-d or (B,).
-    Chapter 8, eq. (interpolant).
+    Chapter 8 (the noisy interpolant of the gradient-variance section).
     """
     sigma = check_nonnegative_real(sigma, "sigma")
     x0 = check_float_tensor(x0, "x0")
@@ -294,7 +298,7 @@ def pair_batch_fn(x0: torch.Tensor, x1: torch.Tensor, batch_size: int, sigma: fl
     Each call draws i uniformly from the N fixed pairs, t ~ U(0, 1) and eps ~ N(0, I) (on the
     CPU from ``generator``, then moved to x0's device and dtype) and returns the interpolant
     x_t (B, *S), t (B,) and the target d_i = x1_i - x0_i (B, *S), B = ``batch_size``.
-    Shapes: x0, x1 (N, *S). Chapter 8, eq. (interpolant).
+    Shapes: x0, x1 (N, *S). Chapter 8.
     """
     x0, x1 = _check_pairs(x0, x1)
     sigma = check_nonnegative_real(sigma, "sigma")
@@ -350,7 +354,7 @@ def pair_weights(x: torch.Tensor, t: float | torch.Tensor, x0: torch.Tensor, x1:
     (B,) ``t`` with several values moves every row's centres differently; those logits are
     formed in float64 in the expanded two-GEMM form (same formula, no (B, N, D) block).
     sigma = 0 is the limit: the one-hot weight of the nearest centre (ties: the lowest index).
-    Shapes: x (B, *S), x0 and x1 (N, *S). Chapter 8, eq. (pair field).
+    Shapes: x (B, *S), x0 and x1 (N, *S). Chapter 8, eq. (pair-field).
     """
     x, xf, tt, a, b, sigma = _pair_inputs(x, t, x0, x1, sigma)
     if x.shape[0] == 0:
