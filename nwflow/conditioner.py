@@ -9,8 +9,9 @@ to a velocity. Two of them here:
 - the exact (plug-in) field of the support, batched over tasks: the Nadaraya-Watson
   smoother of chapter 3,
 
-      w_j = softmax_j( -||x - t s_j||^2 / (2 sigma_t^2) ),   m_NW = sum_j w_j s_j,
-      u_NW(x, t | S) = (m_NW - (1 - sigma_min) x) / sigma_t;
+  .. math:: w_j = \operatorname{softmax}_j\left(-\frac{\lVert x - t s_j\rVert^2}{2\sigma_t^2}\right),
+      \qquad m_{\text{NW}} = \sum_j w_j s_j, \qquad
+      u_{\text{NW}}(x, t \mid S) = \frac{m_{\text{NW}} - (1 - \sigma_{\min})\, x}{\sigma_t};
 
 - :class:`SupportConditionedVelocity`, learned: queries [x, embed(t)] attend to encoded
   support tokens through L cross-attention layers (softmax(q k^T / sqrt(d_head)) v per head);
