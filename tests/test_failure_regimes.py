@@ -39,7 +39,9 @@ def test_committed_cpu_result_still_reads():
     provenance block) has what chapter 5 reads, at the place result_path names."""
     path = FR.result_path("cpu")
     data = json.loads(path.read_text())
-    assert data["config"] == FR.preset("cpu")
+    # Written before the ``families`` key existed: it trained and evaluated both families.
+    assert "families" not in data["config"]
+    assert {**data["config"], "families": ["mixture", "shells"]} == FR.preset("cpu")
     prov = data["provenance"]
     assert len(prov["git_commit"]) == 40 and prov["device"] == "cpu" and prov["device_name"]
     assert data["wall_seconds"] > 0 and set(data["families"]) == {"mixture", "shells"}
@@ -62,6 +64,17 @@ def test_tiny_run_reports_every_measurement():
         assert np.all(np.diff(v["neff_nw"]) < 0.05) and v["neff_nw"][0] > 10 and v["neff_nw"][-1] < 2
         # The plug-in's error explodes at the end of the path (collapse).
         assert v["fm_error_plugin"][-1] > 10 * v["fm_error_plugin"][0]
+
+
+def test_one_family_is_trained_and_evaluated_alone():
+    config = FR.preset("smoke", **TINY, families=["shells"])
+    _, res = FR.run_experiment(config, progress=False)
+    assert set(res["families"]) == {"shells"} and tuple(res["task"]["families"]) == ("shells",)
+    # The shells' held-out tasks are the same as in a two-family run (same evaluation seed).
+    _, both = FR.run_experiment(FR.preset("smoke", **TINY), progress=False)
+    assert res["families"]["shells"]["neff_nw"] == both["families"]["shells"]["neff_nw"]
+    with pytest.raises(ValueError, match="families"):
+        FR.run_experiment(FR.preset("smoke", **TINY, families=["moons"]), progress=False)
 
 
 def test_main_writes_json_with_provenance(tmp_path, monkeypatch):

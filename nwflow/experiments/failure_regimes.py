@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from nwflow.conditioner import (
+    FAMILIES,
     SupportConditionedVelocity,
     TaskConfig,
     fm_error_over_t,
@@ -61,7 +62,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 COMMON: dict[str, Any] = dict(dim=8, support_size=50, query_size=64, sigma_min=0.01, lr=1e-3,
                               exact_head=True, seed=0, eval_seed=1000,
-                              times=[0.1, 0.3, 0.5, 0.7, 0.9, 0.97])
+                              times=[0.1, 0.3, 0.5, 0.7, 0.9, 0.97], families=list(FAMILIES))
 
 
 def preset(name: str, **overrides: Any) -> dict[str, Any]:
@@ -83,13 +84,17 @@ def run_experiment(config: dict[str, Any], device: str | torch.device = "cpu",
     """Train (or resume) the conditioner of ``config`` and evaluate it on held-out tasks.
 
     Returns ``(model, results)``; ``results`` is JSON-ready: the loss curve (every 10th
-    step), and per family ("mixture", "shells") the per-task MMD^2 of learned and plug-in
+    step), and per family of ``config["families"]`` (trained on and evaluated; both
+    "mixture" and "shells" by default) the per-task MMD^2 of learned and plug-in
     samples, the flow-matching error at ``config["times"]``, and per layer and head the mean
     Spearman rho with the NW logits and the mean n_eff of attention and NW weights.
     """
     device = torch.device(device)
     start = time.time()
-    task = TaskConfig(dim=config["dim"], support_size=config["support_size"], query_size=config["query_size"])
+    # Results written before ``families`` existed trained and evaluated both families.
+    families_used = tuple(config.get("families", FAMILIES))
+    task = TaskConfig(dim=config["dim"], support_size=config["support_size"], query_size=config["query_size"],
+                      families=families_used)
     torch.manual_seed(config["seed"])
     model = SupportConditionedVelocity(task.dim, width=config["width"], heads=config["heads"],
                                        layers=config["layers"], exact_head=config["exact_head"],
@@ -104,7 +109,9 @@ def run_experiment(config: dict[str, Any], device: str | torch.device = "cpu",
         return support_velocity(x, t, s, sm)
 
     families: dict[str, Any] = {}
-    for k, family in enumerate(("mixture", "shells")):
+    for k, family in enumerate(FAMILIES):
+        if family not in families_used:
+            continue
         g = torch.Generator().manual_seed(config["eval_seed"] + k)
         n_gen = config["n_generated"]
         support, heldout, _ = sample_tasks(task, config["eval_tasks"], n_gen, g, family=family)
