@@ -28,7 +28,6 @@ MODULES = ["path", "empirical", "distributed", "attention", "efm", "ot", "proxim
 EXEMPT = {
     "nwflow.solvers.METHODS": "a constant: the table of fixed-step methods",
     "nwflow.solvers.ADAPTIVE_METHODS": "a constant: the names of torchdiffeq's adaptive methods",
-    "nwflow.conditioner.TaskConfig": "a configuration dataclass (sizes of the sampled tasks)",
     "nwflow.attention.GaussianKernelAttention.extra_repr": "nn.Module's repr hook",
     "nwflow.distributed.ShardedField.posterior_weights": "not provided over a sharded support: it raises",
 }
