@@ -64,7 +64,9 @@ def test_smoke_run_writes_every_measurement(tmp_path, monkeypatch):
         fr = np.array(rec["frac_above_0.9"])
         assert fr.shape == (len(cfg["align_times"]),) and np.all((fr >= 0) & (fr <= 1))
     runs = {(r["n"], r["target"]) for r in data["training"]}
-    assert runs == {(n, "CFM") for n in cfg["n_list"]} | {(cfg["n_efm"], f"EFM-{m}") for m in cfg["efm_m"]}
+    assert runs == ({(n, "CFM") for n in cfg["n_list"]} | {(cfg["n_efm"], f"EFM-{m}") for m in cfg["efm_m"]}
+                    | {(cfg["n_efm"], f"EFM-{m}b") for m in cfg["efm_batch_m"]})
+    assert cfg["efm_batch_m"]                    # the smoke run trains the authors' scheme too
     for r in data["training"]:
         assert len(r["field_error"]) == len(cfg["err_times"]) and all(e >= 0 for e in r["field_error"])
         assert r["d1_mean"] > 0 and r["loo_mean"] > 0 and 0 <= r["memorisation_rate"] <= 1

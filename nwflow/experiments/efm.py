@@ -7,7 +7,9 @@ CPU version itself; this entry point runs the same measurements at the paper's i
 1. alignment of the closed-form velocity with the conditional target (cosine over t) on
    CIFAR-10 (all 50,000 training images) and on Imagenette at several resolutions;
 2. per training-set size n, a (preconditioned) U-Net trained with CFM, plus EFM-M models at
-   one n: loss curve, error to the closed form over t, nearest-training-image distances of
+   one n (``efm_m``: the paper's Algorithm 2, M references per row; ``efm_batch_m``: the
+   authors' released scheme, the batch's x1 plus M draws, ``TargetSampler(references="batch")``,
+   named ``EFM-<M>b``): loss curve, error to the closed form over t, nearest-training-image distances of
    generated samples against the training set's leave-one-out spacing, memorisation rate;
 3. the hybrid sampler (closed form on [0, tau), the CFM network after) for the largest n.
 
@@ -50,19 +52,22 @@ __all__ = ["PRESETS", "preset", "result_path", "run_experiment", "plot_results",
 
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(cifar_limit=400, align_pairs=16, align_times=[0.0, 0.2, 0.6], nette_sizes=[8, 16],
-                  nette_limit=200, resolution=8, n_list=[10, 40], n_efm=40, efm_m=[4], steps=6, batch=8,
+                  nette_limit=200, resolution=8, n_list=[10, 40], n_efm=40, efm_m=[4], efm_batch_m=[4],
+                  steps=6, batch=8,
                   unet_base=8, unet_mults=[1, 2], n_generated=12, err_pairs=16,
                   err_times=[0.1, 0.5, 0.9], taus=[0.0, 0.5, 1.0], ode_steps=10),
     "cpu": dict(cifar_limit=5000, align_pairs=256,
                 align_times=[0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9],
                 nette_sizes=[8, 16, 32, 64], nette_limit=1000, resolution=8, n_list=[10, 100, 1000],
-                n_efm=1000, efm_m=[16, 128], steps=2000, batch=128, unet_base=16, unet_mults=[1, 2],
+                n_efm=1000, efm_m=[16, 128], efm_batch_m=[], steps=2000, batch=128, unet_base=16,
+                unet_mults=[1, 2],
                 n_generated=256, err_pairs=512, err_times=[0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 0.95],
                 taus=[0.0, 0.2, 0.4, 0.6, 0.8, 1.0], ode_steps=50),
     "gpu": dict(cifar_limit=None, align_pairs=256,
                 align_times=[0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95],
                 nette_sizes=[8, 16, 32, 64], nette_limit=None, resolution=32,
-                n_list=[10, 100, 1000, 10000, 50000], n_efm=50000, efm_m=[16, 128], steps=20000, batch=128,
+                n_list=[10, 100, 1000, 10000, 50000], n_efm=50000, efm_m=[16, 128], efm_batch_m=[128],
+                steps=20000, batch=128,
                 unet_base=64, unet_mults=[1, 2, 2], n_generated=256, err_pairs=512,
                 err_times=[0.01, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98],
                 taus=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0], ode_steps=100),
@@ -122,19 +127,21 @@ def run_experiment(config: dict[str, Any], device: str | torch.device = "cpu", r
 
     pool = 32 // config["resolution"]
     images = F.avg_pool2d(cifar, pool) if pool > 1 else cifar
-    runs = [(n, None) for n in config["n_list"]] + [(config["n_efm"], m) for m in config["efm_m"]]
+    runs = ([(n, None, "uniform") for n in config["n_list"]]
+            + [(config["n_efm"], m, "uniform") for m in config["efm_m"]]
+            + [(config["n_efm"], m, "batch") for m in config["efm_batch_m"]])
     err_times = torch.tensor(config["err_times"], dtype=torch.float64)
     noise = torch.randn((config["n_generated"],) + tuple(images.shape[1:]), generator=g).to(device)
     training, models = [], {}
-    for n, m in runs:
+    for n, m, scheme in runs:
         sup = images[:n].contiguous()
-        kind = "CFM" if m is None else f"EFM-{m}"
+        kind = "CFM" if m is None else f"EFM-{m}" + ("b" if scheme == "batch" else "")
         model = _model(config, sup).to(device)
         train_config = {k: config[k] for k in ("steps", "batch", "lr", "seed", "unet_base", "unet_mults",
                                                "resolution", "precondition")}
         ckpt = _runner.checkpoint_file(checkpoint_dir, "efm", f"efm_{n}_{kind}", train_config)
         t0 = time.time()
-        sampler = TargetSampler(sup, config["batch"], m=m)
+        sampler = TargetSampler(sup, config["batch"], m=m, references=scheme)
         hist = train_velocity(model, sampler, config["steps"], lr=config["lr"], seed=config["seed"],
                               checkpoint=ckpt, progress=progress, desc=f"{kind} n={n}", config=train_config)
         train_s = time.time() - t0
