@@ -62,20 +62,36 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 COMMON: dict[str, Any] = dict(dim=8, support_size=50, query_size=64, sigma_min=0.01, lr=1e-3,
                               exact_head=True, seed=0, eval_seed=1000,
-                              times=[0.1, 0.3, 0.5, 0.7, 0.9, 0.97], families=list(FAMILIES))
+                              times=[0.1, 0.3, 0.5, 0.7, 0.9, 0.97])
 
 
 def preset(name: str, **overrides: Any) -> dict[str, Any]:
-    """The configuration of preset ``name`` ("smoke", "cpu", "gpu") with ``overrides`` applied."""
-    return _runner.configure(PRESETS, COMMON, name, overrides)
+    """The configuration of preset ``name`` ("smoke", "cpu", "gpu") with ``overrides`` applied.
+
+    ``families`` (a subset of ``nwflow.conditioner.FAMILIES``, trained on and evaluated) is
+    stored only when it is not both families, so the configuration, its checkpoint hash and
+    the committed results of a two-family run stay what they were before the key existed.
+    """
+    families = overrides.pop("families", None)
+    config = _runner.configure(PRESETS, COMMON, name, overrides)
+    if families is not None:
+        families = list(families)
+        if not families or any(f not in FAMILIES for f in families):
+            raise ValueError(f"families must be a non-empty subset of {FAMILIES}, got {families!r}")
+        if tuple(sorted(set(families))) != tuple(sorted(FAMILIES)):
+            config["families"] = families
+    return config
 
 
 def result_path(name: str, **overrides: Any) -> Path:
     """Where the results of ``preset(name, **overrides)`` are written and read, e.g.
     ``book/results/failure_regimes_conditioner_cpu.json`` (``_no_exact_head`` appended without
-    the exact head)."""
+    the exact head, ``_shells`` for a shells-only run)."""
     config = preset(name, **overrides)
-    return _runner.result_path(STEM, name, "" if config["exact_head"] else "_no_exact_head")
+    variant = "" if config["exact_head"] else "_no_exact_head"
+    if "families" in config:
+        variant += "_" + "_".join(config["families"])
+    return _runner.result_path(STEM, name, variant)
 
 
 def run_experiment(config: dict[str, Any], device: str | torch.device = "cpu",
