@@ -1,4 +1,4 @@
-"""progress_bar never warns, in the situation where ``tqdm.auto`` does.
+"""progress_bar never warns, in the situation where ``tqdm.auto`` does, and never shows a widget.
 
 That situation: a Jupyter kernel (nbval, the book build's nbclient, JupyterLab) with an
 ipywidgets that is installed, so that ``importlib.util.find_spec`` finds it, but fails to
@@ -110,3 +110,26 @@ def test_no_warning_in_a_real_kernel_with_broken_ipywidgets(tmp_path):
     stderr = "".join(o.get("text", "") for o in outputs if o.get("name") == "stderr")
     assert "kernel bar" in stderr
     assert "Warning" not in stderr and "IProgress" not in stderr, stderr
+
+
+def test_a_real_kernel_with_working_ipywidgets_gets_the_text_bar_not_a_widget(tmp_path):
+    """Widget output would make the built page load require.js and the widget manager from a CDN
+    (the offline site check fails on it): the bar must be text on stderr even where widgets work."""
+    pytest.importorskip("ipywidgets")
+    nbformat = pytest.importorskip("nbformat")
+    pytest.importorskip("nbclient")
+    code = ("from nwflow._progress import progress_bar\n"
+            "for _ in progress_bar(range(3), desc='kernel bar'):\n"
+            "    pass\n")
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)])
+    path = tmp_path / "bar.ipynb"
+    nbformat.write(nb, path)
+    script = ("import json, sys, nbformat\nfrom nbclient import NotebookClient\n"
+              "nb = nbformat.read(sys.argv[1], 4)\nNotebookClient(nb, timeout=120).execute()\n"
+              "print(json.dumps(nb.cells[0].outputs))\n")
+    run = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    outputs = json.loads(run.stdout.strip().splitlines()[-1])
+    assert not [o for o in outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    assert "kernel bar" in "".join(o.get("text", "") for o in outputs if o.get("name") == "stderr")
