@@ -100,8 +100,8 @@ def test_math_body_with_blank_lines_and_an_argument_line():
 
 def test_indented_math_moves_to_the_margin_and_ends_at_its_indent():
     lines = ["- item one:", "", "    .. math:: x_t = t x_1", "", "      continued", "  back in the list"]
-    assert ext.to_rest(lines) == ["::", "", "    - item one:", "", ".. math:: x_t = t x_1", "",
-                                  "  continued", "", "::", "", "      back in the list", ""]
+    assert ext.to_rest(lines) == [".. code:: text", "", "    - item one:", "", ".. math:: x_t = t x_1", "",
+                                  "  continued", "", ".. code:: text", "", "      back in the list", ""]
 
 
 def test_a_malformed_math_directive_fails_and_unbalanced_latex_is_seen():

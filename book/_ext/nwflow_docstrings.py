@@ -22,14 +22,16 @@ def _indent(line: str) -> int:
 
 
 def _literal(lines: list[str]) -> list[str]:
-    """A run of lines as one literal block (nothing when the run is blank)."""
+    """A run of lines as one unhighlighted literal block (nothing when the run is blank)."""
     while lines and not lines[-1].strip():
         lines = lines[:-1]
     while lines and not lines[0].strip():
         lines = lines[1:]
     if not lines:
         return []
-    return ["::", ""] + [f"    {line}" if line.strip() else "" for line in lines] + [""]
+    # ``code:: text``: a literal block that is not highlighted as Python (the prose's "and",
+    # "with" would be coloured as keywords).
+    return [".. code:: text", ""] + [f"    {line}" if line.strip() else "" for line in lines] + [""]
 
 
 def to_rest(lines: list[str]) -> list[str]:
