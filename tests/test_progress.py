@@ -75,6 +75,23 @@ def test_warnings_as_errors_in_a_kernel_with_broken_ipywidgets(kernel_with_broke
     assert bar.n == 3
 
 
+def _kernel_outputs(code: str, tmp_path) -> list[dict]:
+    """The outputs of ``code`` run as one cell in a real kernel under nbclient (what nbval and the
+    book build run), in a subprocess: the kernel's shutdown warns (ipykernel), which pytest would
+    count against the test."""
+    nbformat = pytest.importorskip("nbformat")
+    pytest.importorskip("nbclient")
+    path = tmp_path / "bar.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)]), path)
+    script = ("import json, sys, nbformat\nfrom nbclient import NotebookClient\n"
+              "nb = nbformat.read(sys.argv[1], 4)\nNotebookClient(nb, timeout=120).execute()\n"
+              "print(json.dumps(nb.cells[0].outputs))\n")
+    run = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
 def test_text_bar_outside_a_kernel_and_silent_when_disabled(capsys):
     bar = progress_bar(range(2), desc="plain")
     assert type(bar) is text_bar and list(bar) == [0, 1]
@@ -85,8 +102,6 @@ def test_text_bar_outside_a_kernel_and_silent_when_disabled(capsys):
 
 def test_no_warning_in_a_real_kernel_with_broken_ipywidgets(tmp_path):
     """The same under nbclient (what nbval and the book build run): stderr holds the bar, no warning."""
-    nbformat = pytest.importorskip("nbformat")
-    pytest.importorskip("nbclient")
     pytest.importorskip("ipykernel")
     (tmp_path / "ipywidgets").mkdir()
     (tmp_path / "ipywidgets" / "__init__.py").write_text(BROKEN_IPYWIDGETS)
@@ -96,17 +111,7 @@ def test_no_warning_in_a_real_kernel_with_broken_ipywidgets(tmp_path):
             "from nwflow._progress import progress_bar\n"
             "for _ in progress_bar(range(3), desc='kernel bar'):\n"
             "    pass\n")
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)])
-    path = tmp_path / "bar.ipynb"
-    nbformat.write(nb, path)
-    # A subprocess: the kernel's shutdown warns (ipykernel), which pytest would count against this test.
-    script = ("import json, sys, nbformat\nfrom nbclient import NotebookClient\n"
-              "nb = nbformat.read(sys.argv[1], 4)\nNotebookClient(nb, timeout=120).execute()\n"
-              "print(json.dumps(nb.cells[0].outputs))\n")
-    run = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True,
-                         timeout=300)
-    assert run.returncode == 0, run.stderr
-    outputs = json.loads(run.stdout.strip().splitlines()[-1])
+    outputs = _kernel_outputs(code, tmp_path)
     stderr = "".join(o.get("text", "") for o in outputs if o.get("name") == "stderr")
     assert "kernel bar" in stderr
     assert "Warning" not in stderr and "IProgress" not in stderr, stderr
@@ -116,20 +121,9 @@ def test_a_real_kernel_with_working_ipywidgets_gets_the_text_bar_not_a_widget(tm
     """Widget output would make the built page load require.js and the widget manager from a CDN
     (the offline site check fails on it): the bar must be text on stderr even where widgets work."""
     pytest.importorskip("ipywidgets")
-    nbformat = pytest.importorskip("nbformat")
-    pytest.importorskip("nbclient")
     code = ("from nwflow._progress import progress_bar\n"
             "for _ in progress_bar(range(3), desc='kernel bar'):\n"
             "    pass\n")
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)])
-    path = tmp_path / "bar.ipynb"
-    nbformat.write(nb, path)
-    script = ("import json, sys, nbformat\nfrom nbclient import NotebookClient\n"
-              "nb = nbformat.read(sys.argv[1], 4)\nNotebookClient(nb, timeout=120).execute()\n"
-              "print(json.dumps(nb.cells[0].outputs))\n")
-    run = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True,
-                         timeout=300)
-    assert run.returncode == 0, run.stderr
-    outputs = json.loads(run.stdout.strip().splitlines()[-1])
+    outputs = _kernel_outputs(code, tmp_path)
     assert not [o for o in outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
     assert "kernel bar" in "".join(o.get("text", "") for o in outputs if o.get("name") == "stderr")
