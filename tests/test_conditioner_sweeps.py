@@ -45,3 +45,15 @@ def test_tiny_run_reports_every_sweep(tmp_path, monkeypatch):
     # alpha is minus the log-log slope of the two points.
     v = np.maximum(heads["mmd2_plugin"], 1e-6)
     assert np.isclose(heads["alpha_plugin"], -np.log(v[1] / v[0]) / np.log(2.0))
+
+
+def test_parts_run_only_what_is_named():
+    config = CS.preset("smoke", **TINY)
+    res = CS.run_experiment(config, progress=False, parts=("shells",))
+    assert set(res) == {"config", "shells", "wall_seconds"} and res["shells"]["dim"] == 4
+    res = CS.run_experiment(config, progress=False, parts=("exact_head",))
+    assert set(res) == {"config", "exact_head", "wall_seconds"} and set(res["exact_head"]) == {"2"}
+    with pytest.raises(ValueError, match="parts"):
+        CS.run_experiment(config, progress=False, parts=("head",))
+    with pytest.raises(ValueError, match="parts"):
+        CS.run_experiment(config, progress=False, parts=())

@@ -61,3 +61,14 @@ def test_parser_and_write_results(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="config"):
         R.write_results(tmp_path / "s.json", {"wall_seconds": 1.0}, "cpu")
     assert not (tmp_path / "s.json").exists()
+
+
+def test_committed_weights_match_the_config_hash(tmp_path):
+    import torch
+
+    config = {"steps": 3}
+    path = tmp_path / "w.pt"
+    assert R.committed_weights(path, config) is None                       # missing
+    torch.save({"state_dict": {"a": torch.ones(2)}, "config_hash": config_hash(config)}, path)
+    assert torch.equal(R.committed_weights(path, config)["a"], torch.ones(2))
+    assert R.committed_weights(path, {"steps": 4}) is None                 # another configuration

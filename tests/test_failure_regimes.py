@@ -96,3 +96,37 @@ def test_main_writes_json_with_provenance(tmp_path, monkeypatch):
     FR.main(argv + ["--out", str(tmp_path / "again.json")])
     assert list((tmp_path / "ck").iterdir()) == [ckpt] and ckpt.stat().st_mtime_ns == written
     assert json.loads((tmp_path / "again.json").read_text())["loss_every_10"] == data["loss_every_10"]
+
+
+def test_saved_weights_load_and_reproduce_the_evaluation(tmp_path):
+    """save_weights -> _runner.committed_weights -> run_experiment(weights=...) evaluates the
+    same model without training (same numbers); another configuration finds no weights."""
+    from nwflow.experiments import _runner
+
+    config = FR.preset("smoke", **TINY, families=["shells"])
+    model, res = FR.run_experiment(config, progress=False)
+    path = FR.save_weights(tmp_path / "w.pt", model, config, train_seconds=res["train_seconds"])
+    weights = _runner.committed_weights(path, config)
+    assert weights is not None and set(weights) == set(model.state_dict())
+    assert _runner.committed_weights(path, {**config, "steps": 4}) is None
+    assert _runner.committed_weights(tmp_path / "missing.pt", config) is None
+    _, again = FR.run_experiment(config, progress=False, weights=weights)
+    assert again["weights_loaded"] and not res["weights_loaded"] and again["train_seconds"] == 0.0
+    assert again["loss_every_10"] == []
+    assert again["families"]["shells"]["mmd2_learned"] == res["families"]["shells"]["mmd2_learned"]
+    assert FR.weights_path("cpu").name == "failure_regimes_conditioner_cpu_weights.pt"
+
+
+def test_committed_cpu_weights_match_the_cpu_preset():
+    """book/results/failure_regimes_conditioner_cpu_weights.pt: weights only, for today's cpu preset."""
+    import torch
+
+    from nwflow.experiments import _runner
+
+    path = FR.weights_path("cpu")
+    stored = torch.load(path, map_location="cpu", weights_only=True)
+    assert set(stored) >= {"state_dict", "config", "config_hash", "provenance", "train_seconds"}
+    assert "optimizer" not in stored and stored["config"] == FR.preset("cpu")
+    assert stored["config_hash"] == config_hash(FR.preset("cpu"))
+    assert _runner.committed_weights(path, FR.preset("cpu")) is not None
+    assert path.stat().st_size < 1_000_000

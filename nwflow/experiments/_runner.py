@@ -20,12 +20,15 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from nwflow._checks import check_choice
 from nwflow._io import write_json_atomic
 from nwflow.provenance import provenance
-from nwflow.settings import checkpoint_path, default_device, results_dir
+from nwflow.settings import checkpoint_path, config_hash, default_device, results_dir
 
-__all__ = ["PRESET_NAMES", "configure", "result_path", "checkpoint_file", "parser", "write_results"]
+__all__ = ["PRESET_NAMES", "configure", "result_path", "checkpoint_file", "parser", "write_results",
+           "committed_weights"]
 
 PRESET_NAMES = ("smoke", "cpu", "gpu")
 
@@ -84,3 +87,20 @@ def write_results(path: str | os.PathLike, results: dict[str, Any], device: str)
         raise ValueError("results must hold 'config' and 'wall_seconds'")
     results["provenance"] = provenance(device=device, wall_time_s=results["wall_seconds"])
     return write_json_atomic(path, results)
+
+
+def committed_weights(path: str | os.PathLike, config: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    """The model weights committed at ``path`` for ``config``, or None.
+
+    The file is a ``torch.save`` dict holding ``"state_dict"`` (weights only, no optimiser
+    state) and ``"config_hash"`` (:func:`nwflow.settings.config_hash` of the configuration that
+    trained them). None when the file is missing or was written for another configuration, so
+    the caller trains instead of loading stale weights. Loaded with ``weights_only=True``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    stored = torch.load(path, map_location="cpu", weights_only=True)
+    if stored.get("config_hash") != config_hash(config):
+        return None
+    return stored["state_dict"]

@@ -18,11 +18,16 @@ laptop CPU), ``gpu`` (20,000 steps of a wider model, for a GPU). Run it as
 which writes :func:`result_path` of the preset (``book/results/gpu/failure_regimes_conditioner_gpu.json``)
 and keeps a resumable checkpoint in ``nwflow.settings.cache_dir("failure_regimes")``. The
 JSON holds the configuration, the measurements and a provenance block (git commit, command
-line, machine, versions, wall time); the chapter displays it when present.
+line, machine, versions, wall time); the chapter displays it when present. With
+``--save-weights`` the trained model's weights (no optimiser state) are also written, with the
+configuration's hash and a provenance block, to :func:`weights_path`; the chapter's full mode
+loads them through :func:`nwflow.experiments._runner.committed_weights` and evaluates instead
+of training when they match its configuration.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import asdict
@@ -32,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from nwflow._io import save_torch_atomic
 from nwflow.conditioner import (
     FAMILIES,
     SupportConditionedVelocity,
@@ -47,8 +53,10 @@ from nwflow.conditioner import (
 from nwflow.experiments import _runner
 from nwflow.metrics import mmd2_unbiased
 from nwflow.path import sample_xt
+from nwflow.provenance import provenance
+from nwflow.settings import config_hash
 
-__all__ = ["PRESETS", "preset", "result_path", "run_experiment", "main"]
+__all__ = ["PRESETS", "preset", "result_path", "weights_path", "save_weights", "run_experiment", "main"]
 
 STEM = "failure_regimes_conditioner"
 
@@ -94,10 +102,39 @@ def result_path(name: str, **overrides: Any) -> Path:
     return _runner.result_path(STEM, name, variant)
 
 
+def weights_path(name: str, **overrides: Any) -> Path:
+    """Where the trained weights of ``preset(name, **overrides)`` are committed: the
+    :func:`result_path` with ``_weights.pt`` in place of ``.json``."""
+    path = result_path(name, **overrides)
+    return path.with_name(path.stem + "_weights.pt")
+
+
+def save_weights(path: str | os.PathLike, model: SupportConditionedVelocity, config: dict[str, Any],
+                 device: str = "cpu", **extra: Any) -> Path:
+    """Write ``model``'s weights (its ``state_dict``, no optimiser state) for ``config`` to ``path``.
+
+    The file (``torch.save``, readable with ``weights_only=True``) holds ``state_dict``,
+    ``config``, ``config_hash`` (what :func:`nwflow.experiments._runner.committed_weights`
+    matches), a ``provenance`` block and any JSON-ready ``extra`` fields (e.g. the training
+    time).
+    """
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    # Plain JSON types only (the torch version is a str subclass), so weights_only=True loads it.
+    meta = json.loads(json.dumps({"config": config, "config_hash": config_hash(config),
+                                  "provenance": provenance(device=device), **extra}, default=str))
+    return save_torch_atomic(path, {"state_dict": state, **meta})
+
+
 def run_experiment(config: dict[str, Any], device: str | torch.device = "cpu",
-                   checkpoint: str | os.PathLike | None = None, progress: bool = True
+                   checkpoint: str | os.PathLike | None = None, progress: bool = True,
+                   weights: dict[str, torch.Tensor] | None = None,
                    ) -> tuple[SupportConditionedVelocity, dict[str, Any]]:
     """Train (or resume) the conditioner of ``config`` and evaluate it on held-out tasks.
+
+    With ``weights`` (a state dict of the model ``config`` builds, e.g. from
+    :func:`nwflow.experiments._runner.committed_weights`) nothing is trained: the model is
+    loaded and evaluated, ``train_seconds`` is 0, ``loss_every_10`` is empty and
+    ``"weights_loaded"`` is True.
 
     Returns ``(model, results)``; ``results`` is JSON-ready: the loss curve (every 10th
     step), and per family of ``config["families"]`` (trained on and evaluated; both
@@ -115,8 +152,12 @@ def run_experiment(config: dict[str, Any], device: str | torch.device = "cpu",
     model = SupportConditionedVelocity(task.dim, width=config["width"], heads=config["heads"],
                                        layers=config["layers"], exact_head=config["exact_head"],
                                        sigma_min=config["sigma_min"]).to(device)
-    history = train_conditioner(model, task, config["steps"], n_tasks=config["n_tasks"], lr=config["lr"],
-                                seed=config["seed"], checkpoint=checkpoint, progress=progress)
+    if weights is None:
+        history = train_conditioner(model, task, config["steps"], n_tasks=config["n_tasks"], lr=config["lr"],
+                                    seed=config["seed"], checkpoint=checkpoint, progress=progress)
+    else:
+        model.load_state_dict(weights)
+        history = {"loss": []}
     train_s = time.time() - start
     model.eval()
     sm = config["sigma_min"]
@@ -147,7 +188,8 @@ def run_experiment(config: dict[str, Any], device: str | torch.device = "cpu",
         families[family] = {"mmd2_learned": mmd_l, "mmd2_plugin": mmd_p, "fm_error_learned": fm_l.tolist(),
                             "fm_error_plugin": fm_p.tolist(), **probe}
     loss = history["loss"]
-    results = {"config": config, "task": asdict(task), "train_seconds": train_s,
+    results = {"config": config, "task": asdict(task), "train_seconds": train_s if weights is None else 0.0,
+               "weights_loaded": weights is not None,
                "loss_every_10": [float(np.mean(loss[i:i + 10])) for i in range(0, len(loss), 10)],
                "families": families, "wall_seconds": time.time() - start}
     return model, results
@@ -176,12 +218,17 @@ def main(argv: list[str] | None = None) -> Path:
     """Command-line entry point; returns the path of the written JSON."""
     parser = _runner.parser(__doc__.split("\n", 1)[0], "failure_regimes")
     parser.add_argument("--no-exact-head", action="store_true", help="train without the exact NW input")
+    parser.add_argument("--save-weights", action="store_true",
+                        help="also write the trained weights (no optimiser state) to weights_path(preset)")
     args = parser.parse_args(argv)
     config = preset(args.preset, exact_head=not args.no_exact_head)
     checkpoint = _runner.checkpoint_file(args.checkpoint_dir, "failure_regimes", "conditioner", config)
-    _, results = run_experiment(config, device=args.device, checkpoint=checkpoint,
-                                progress=not args.no_progress)
+    model, results = run_experiment(config, device=args.device, checkpoint=checkpoint,
+                                    progress=not args.no_progress)
     out = args.out or result_path(args.preset, exact_head=config["exact_head"])
+    if args.save_weights:
+        save_weights(Path(out).with_name(Path(out).stem + "_weights.pt"), model, config, args.device,
+                     train_seconds=results["train_seconds"])
     return _runner.write_results(out, results, args.device)
 
 
