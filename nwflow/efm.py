@@ -212,12 +212,36 @@ class TargetSampler:
             target = conditional_velocity(x0, x1, self.sigma_min)
         elif self.references == "batch":
             ref = torch.randint(n, (self.m,), generator=generator).to(dev)
-            shared = EmpiricalField(torch.cat([x1, sup[ref]]), sigma_min=self.sigma_min)
-            target = shared.velocity(xt, t)
+            target = _batch_set_target(xt, t, torch.cat([x1, sup[ref]]), self.sigma_min)
         else:
             ref = torch.randint(n, (self.m - 1,), generator=generator).to(dev)
             target = efm_target(xt, t, x1, sup[ref], self.sigma_min)
         return xt, t, target
+
+
+def _batch_set_target(x: torch.Tensor, t: torch.Tensor, points: torch.Tensor,
+                      sigma_min: float) -> torch.Tensor:
+    r"""The closed form of one small set R shared by the batch, whose first B rows are the rows' own x1.
+
+    .. math:: \text{target}_i = \sum_{r \in R} \operatorname{softmax}_r\Big(
+        -\frac{\|x^i - t_i r\|^2}{2\sigma_{t_i}^2}\Big)\, \frac{r - (1 - \sigma_{\min})\, x^i}{\sigma_{t_i}}
+
+    In float64, like :func:`efm_target`: the squared distances from one (B, |R|) matrix
+    product, except row i's distance to its own x1 (column i), formed directly so that it
+    keeps its precision as t -> 1 (it is the one that carries the weight there). Shapes:
+    ``x`` (B, *S), ``t`` (B,), ``points`` (B + M, *S); returns (B, *S) in the dtype of ``x``.
+    """
+    B = x.shape[0]
+    tt = time_per_row(t, x, sigma_min=sigma_min, dtype=WIDE)
+    xf = x.reshape(B, -1).to(WIDE)
+    R = points.reshape(points.shape[0], -1).to(WIDE)
+    with exact_matmul():
+        d2 = (xf.square().sum(1)[:, None] - 2.0 * tt[:, None] * (xf @ R.T)
+              + tt.square()[:, None] * R.square().sum(1)[None, :]).clamp_min(0.0)
+    rows = torch.arange(B, device=x.device)
+    d2[rows, rows] = (xf - tt[:, None] * R[:B]).square().sum(1)
+    m = softmax_mean(-d2 / (2.0 * sigma(tt, sigma_min).square())[:, None], R)
+    return conditional_target(xf, m, tt, sigma_min).reshape(x.shape).to(x.dtype)
 
 
 def hybrid_field(first: VelocityFn, second: VelocityFn, tau: float) -> VelocityFn:
