@@ -263,6 +263,22 @@ def test_sampler_batch_references_is_the_closed_form_of_batch_plus_draws(sigma_m
                                    float(tt[i]), b, sigma_min), rtol=1e-9, atol=1e-9)
 
 
+def test_batch_set_target_keeps_its_precision_near_t_1():
+    # The batch scheme's target against the float64 closed form of its set, for t from 0.3 up to
+    # sigma_t = 1e-6 (row i's own point is column i of the set).
+    from nwflow.efm import _batch_set_target
+
+    g = torch.Generator().manual_seed(25)
+    B, m = 4, 3
+    pts = torch.randn(B + m, 12, generator=g, dtype=torch.float64) * 3 + 5
+    t = torch.tensor([0.3, 0.9, 1 - 1e-4, 1 - 1e-6], dtype=torch.float64)
+    x = (1 - t)[:, None] * torch.randn(B, 12, generator=g, dtype=torch.float64) + t[:, None] * pts[:B]
+    got = _batch_set_target(x, t, pts, 0.0).numpy()
+    for i in range(B):
+        want = ref_closed_form(x[i].numpy(), float(t[i]), pts.numpy(), 0.0)
+        np.testing.assert_allclose(got[i], want, rtol=1e-7, atol=1e-7)
+
+
 def test_sampler_batch_references_differs_from_uniform_and_is_checked():
     g = torch.Generator().manual_seed(23)
     sup = torch.randn(50, 3, generator=g)
