@@ -34,7 +34,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.stats import rankdata
 from torch import nn
 
 from nwflow._checks import (
@@ -517,6 +516,23 @@ def fm_error_over_t(field, support: torch.Tensor, heldout: torch.Tensor, times: 
     return np.array(out)
 
 
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..m along the last axis, tied values given the mean of their ranks (what
+    ``scipy.stats.rankdata(x, axis=-1)`` returns for finite x; numpy only, so importing this
+    module does not import scipy.stats)."""
+    m = x.shape[-1]
+    order = np.argsort(x, axis=-1, kind="stable")
+    flat = np.take_along_axis(x, order, axis=-1).reshape(-1, m)
+    starts = np.ones(flat.shape, dtype=bool)           # a new group of ties at every row start ...
+    starts[:, 1:] = flat[:, 1:] != flat[:, :-1]         # ... and wherever the sorted value changes
+    group = np.cumsum(starts.ravel()) - 1
+    position = np.tile(np.arange(1, m + 1, dtype=np.float64), flat.shape[0])
+    mean_rank = np.bincount(group, weights=position) / np.bincount(group)
+    ranks = np.empty(x.shape, dtype=np.float64)
+    np.put_along_axis(ranks, order, mean_rank[group].reshape(x.shape), axis=-1)
+    return ranks
+
+
 def rank_correlation(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> np.ndarray:
     r"""Spearman's rho between the last axes of ``a`` and ``b`` (broadcast), row by row.
 
@@ -530,8 +546,8 @@ def rank_correlation(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray)
     """
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
-    ra = rankdata(a, axis=-1)
-    rb = rankdata(b, axis=-1)
+    ra = _average_ranks(a)
+    rb = _average_ranks(b)
     ra, rb = np.broadcast_arrays(ra, rb)
     ra = ra - ra.mean(-1, keepdims=True)
     rb = rb - rb.mean(-1, keepdims=True)

@@ -297,3 +297,14 @@ def test_rank_correlation_matches_scipy_with_ties():
     # Broadcasting one reference row against several.
     rho_b = C.rank_correlation(a[:1], b)
     assert math.isclose(rho_b[2], spearmanr(a[0], b[2]).statistic, rel_tol=1e-12)
+
+
+def test_average_ranks_match_scipy_rankdata_on_many_ties():
+    from scipy.stats import rankdata
+
+    g = np.random.default_rng(1)
+    x = g.integers(0, 4, size=(3, 5, 17)).astype(np.float64)   # heavy ties, 3-d
+    assert np.array_equal(C._average_ranks(x), rankdata(x, axis=-1))
+    y = g.normal(size=(2, 9))
+    assert np.array_equal(C._average_ranks(y), rankdata(y, axis=-1))
+    assert np.array_equal(C._average_ranks(np.zeros((1, 4))), np.full((1, 4), 2.5))
