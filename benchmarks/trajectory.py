@@ -10,12 +10,15 @@ velocity at the same state (the state advances with ``field``'s result), so the 
 times compare like with like along the run, through the regimes the posterior goes through
 (all points weighted at t = 0, one point from t of about 0.3 on CIFAR-10):
 
-- ``field``: ``nwflow.EmpiricalField(X).velocity``, the field built once;
+- ``field``: ``nwflow.EmpiricalField(X).velocity``, the field built once (its carried screen
+  on: rows whose weight sits on a few candidates are screened from the previous step's trail);
+- ``field_full``: the same with ``screen=False`` (every step the full pass);
 - ``two_gemm_pre``: logits by one ``addmm`` with cached key norms, ``softmax``, a second product;
 - ``sdpa_pre``: torch's ``scaled_dot_product_attention`` with the cached key norms as a mask.
 
 At ``--checks`` evenly spaced steps every method's result is compared with a float64
-EmpiricalField (max over rows of ||u - u64|| / ||u64||). Writes JSON with provenance (per-step
+EmpiricalField without the screen (max over rows of ||u - u64|| / ||u64||); ``screened_rows``
+counts the rows of each step the screen answered. Writes JSON with provenance (per-step
 times and n_eff, totals, ratios ``field/two_gemm_pre`` and ``field/sdpa_pre``, errors) to
 ``benchmarks/out/`` (ignored by git). Data: ``NWFLOW_DATA_DIR`` or ``--root`` (see
 :func:`nwflow.data.load_cifar10`).
@@ -41,7 +44,7 @@ from nwflow.data import load_cifar10  # noqa: E402
 from nwflow.provenance import cpu_model, provenance  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
-METHODS = ("field", "two_gemm_pre", "sdpa_pre")
+METHODS = ("field", "field_full", "two_gemm_pre", "sdpa_pre")
 
 
 def support(args: argparse.Namespace) -> tuple[torch.Tensor, str]:
@@ -60,9 +63,11 @@ def sync(device: torch.device) -> None:
 def run_batch(X: torch.Tensor, B: int, args: argparse.Namespace) -> dict:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(B, X.shape[1], generator=g).to(X.device)
-    field, exact = EmpiricalField(X), EmpiricalField(X.double())
+    field, full = EmpiricalField(X), EmpiricalField(X, screen=False)
+    exact = EmpiricalField(X.double(), screen=False)
     norms = torch.linalg.vector_norm(X, dim=1).square()
-    fns = {"field": lambda x, t: field.velocity(x, t), "two_gemm_pre": lambda x, t: two_gemm(x, t, X, norms),
+    fns = {"field": lambda x, t: field.velocity(x, t), "field_full": lambda x, t: full.velocity(x, t),
+           "two_gemm_pre": lambda x, t: two_gemm(x, t, X, norms),
            "sdpa_pre": lambda x, t: sdpa(x, t, X, norms)}
     grid = torch.linspace(0.0, args.t1, args.steps + 1, dtype=torch.float64).tolist()
     checks = {round(i * (args.steps - 1) / max(args.checks - 1, 1)) for i in range(args.checks)}
@@ -84,15 +89,19 @@ def run_batch(X: torch.Tensor, B: int, args: argparse.Namespace) -> dict:
                     ref = exact.velocity(x.double(), t)
                     err = float(((u.double() - ref).norm(dim=1) / ref.norm(dim=1)).max())
                     errors.append({"step": k, "t": t, "method": name, "max_rel_error": err})
-            step["median_n_eff"] = float(field.effective_neighbours(x, t).median())
+            trail = field._trail
+            step["screened_rows"] = 0 if trail is None else int((trail.inner_pos >= 0).sum())
+            step["median_n_eff"] = float(full.effective_neighbours(x, t).median())
             steps.append(step)
             x = x + (t_next - t) * u_field
-            print(f"B={B} step {k + 1}/{args.steps} t={t:.3f} " + " ".join(
+            print(f"B={B} step {k + 1}/{args.steps} t={t:.3f} screened={step['screened_rows']} " + " ".join(
                 f"{m}={s * 1e3:.0f}ms" for m, s in step["time_s"].items()), flush=True)
     totals = {m: sum(s["time_s"][m] for s in steps) for m in METHODS}
     return {"B": B, "steps": steps, "totals_s": totals,
             "ratios": {"field/two_gemm_pre": totals["field"] / totals["two_gemm_pre"],
-                       "field/sdpa_pre": totals["field"] / totals["sdpa_pre"]},
+                       "field/sdpa_pre": totals["field"] / totals["sdpa_pre"],
+                       "field_full/two_gemm_pre": totals["field_full"] / totals["two_gemm_pre"],
+                       "field_full/sdpa_pre": totals["field_full"] / totals["sdpa_pre"]},
             "errors": errors, "worst_error": {m: max(e["max_rel_error"] for e in errors if e["method"] == m)
                                               for m in METHODS}}
 

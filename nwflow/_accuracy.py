@@ -31,8 +31,9 @@ import torch
 
 from nwflow._precision import WIDE
 
-__all__ = ["CANDIDATES", "FALLBACK_TOL", "OBSERVED", "OBSERVED_SAFETY", "logit_error_bound",
-           "tracks_candidates", "covered", "refine", "observed_error", "relative_error"]
+__all__ = ["CANDIDATES", "FALLBACK_TOL", "OBSERVED", "OBSERVED_SAFETY", "SCREEN_MAX", "CARRY_SLACK",
+           "logit_error_bound", "tracks_candidates", "covered", "refine", "observed_error", "relative_error",
+           "span_fit", "screen_margin", "screened"]
 
 # Candidates per row kept for the exact refinement.
 CANDIDATES = 64
@@ -47,6 +48,10 @@ FALLBACK_TOL = 5e-5
 # largest error seen among them.
 OBSERVED = 8
 OBSERVED_SAFETY = 8.0
+# The carried screen (nwflow.empirical, Part III, performance): candidates a screened row may
+# keep (more: the full pass), and the largest logit slack a carried row may have.
+SCREEN_MAX = 128
+CARRY_SLACK = 4.0
 
 
 def logit_error_bound(q: torch.Tensor, a: torch.Tensor, eps: float, raw_max: float,
@@ -137,3 +142,37 @@ def relative_error(error: torch.Tensor, eps: float, m: torch.Tensor, x: torch.Te
     dm = error * sd + ERROR_FACTOR * eps * (m_norm + sd)
     y = a[:, None] * m - b[:, None] * x
     return (a * dm + eps * (a * m_norm + b * x.norm(dim=1))) / y.norm(dim=1)
+
+
+def span_fit(x: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Coefficients of each row of ``x`` on its basis vectors, and the residual's norm, computed
+    explicitly (the screen's bound holds for any coefficients; least squares makes it tight).
+
+    .. math:: \gamma = \arg\min_\gamma \|x - V^\top \gamma\|, \qquad \rho = \|x - V^\top \gamma\|
+
+    Shapes: ``x`` (r, D), ``basis`` V (r, k, D), float64; returns gamma (r, k) and rho (r,).
+    Part III, performance.
+    """
+    gram = torch.bmm(basis, basis.transpose(1, 2))
+    gamma = (torch.linalg.pinv(gram, hermitian=True) @ torch.bmm(basis, x[:, :, None]))[:, :, 0]
+    return gamma, (x - torch.bmm(gamma[:, None, :], basis)[:, 0]).norm(dim=1)
+
+
+def screen_margin(slack: torch.Tensor, n: int, eps: float) -> torch.Tensor:
+    r"""How far below the largest approximate logit a key may lie and still be kept, (r,).
+
+    .. math:: |\tilde l_j - l_j| \le s \;\forall j, \quad
+        \tilde l_k < \max_j \tilde l_j - (2 s + \log n + \log(1/\epsilon) + 2)
+        \;\Rightarrow\; l_k < \max_j l_j - \log(n/\epsilon) - 2,
+
+    so the keys left out weigh less than eps e^{-2} in total. Shapes: ``slack`` s (r,). Part III,
+    performance.
+    """
+    return 2.0 * slack + math.log(n) + math.log(1.0 / eps) + 2.0
+
+
+def screened(logits: torch.Tensor, slack: torch.Tensor, n: int, eps: float) -> torch.Tensor:
+    """Keys each row keeps under :func:`screen_margin`, (r,): ``logits`` (r, n) approximate
+    logits, each within ``slack`` (r,) of the exact one. Part III, performance."""
+    best = logits.amax(dim=1)
+    return (logits >= (best - screen_margin(slack, n, eps))[:, None]).sum(dim=1)

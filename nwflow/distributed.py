@@ -59,6 +59,8 @@ class ShardedField(EmpiricalField):
     extends across ranks: chapter 3 (its performance: planned Part III).
     """
 
+    _carries = False  # the carried screen needs the whole support's inner products: not across ranks
+
     def __init__(self, local_support: torch.Tensor, group: dist.ProcessGroup | None = None,
                  sigma_min: float = 0.0, chunk_size: int | None = None,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:

@@ -56,6 +56,8 @@ Coefficients = Callable[[torch.Tensor], tuple[Scalar, Scalar, Scalar]]
 
 # Work-space of the key-norm pass on the CPU: small enough to stay in cache.
 _CACHE_BYTES = 4 * 2**20
+# Cached Gram columns <x^(i), x^(j)> of the carried screen: at most this many bytes.
+_GRAM_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -67,6 +69,27 @@ class _Exact:
     neff: torch.Tensor                   # (r,)
     index: torch.Tensor | None = None    # (r, k) candidate support indices
     weights: torch.Tensor | None = None  # (r, k) their exact weights; the rest are below eps
+
+
+@dataclass
+class _Trail:
+    """What one call of an output leaves for the next (the carried screen): per row of its batch
+    the query, the mean as a combination of candidates, and where the inner products
+    <x, x^(i)> with the whole support come from (screened rows: ``inner``; rows of the full
+    pass: their streamed logits). Rows without candidates are not carried."""
+
+    x: torch.Tensor                # (B, D) float64 queries
+    t: torch.Tensor                # (B,) float64
+    carried: torch.Tensor          # (B,) bool
+    mean: torch.Tensor             # (B, D) float64 candidate means (carried rows)
+    index: torch.Tensor            # (B, k) candidates (0 where padded)
+    weights: torch.Tensor          # (B, k) their exact weights (0 where padded)
+    error: torch.Tensor            # (B,) bound on |<x, x^(i)> - recovered inner product|
+    inner_pos: torch.Tensor        # (B,) row of ``inner``, or -1
+    inner: torch.Tensor | None     # (h, n) float64 <x, x^(i)>
+    logit_pos: torch.Tensor        # (B,) row of ``logits``, or -1
+    logits: torch.Tensor | None    # (r, n) streamed l = <q, x^(i)> - a ||x^(i) - c||^2 (compute dtype)
+    a: torch.Tensor                # (B,) float64: the a of the streamed logits
 
 
 class _ExactOutput(torch.autograd.Function):
@@ -98,15 +121,43 @@ class EmpiricalField:
     ``support`` (n, *S) floating tensor (images stay (C, H, W), flattened internally; kept by
     reference when contiguous fp32/fp64); ``sigma_min`` in [0, 1); ``chunk_size`` support
     points per streamed chunk (``None``: one chunk when the (B, n) logits fit in
-    ``chunk_bytes``). Results do not depend on the chunking. Methods take ``x`` (B, *S) and
+    ``chunk_bytes``); ``screen`` (default True) the carried screen below. Results do not
+    depend on the chunking. Methods take ``x`` (B, *S) and
     ``t`` (a number, 0-d or (B,) tensor in [0, 1]): :meth:`posterior_weights` (B, n),
     :meth:`posterior_mean`, :meth:`velocity`, :meth:`score` (B, *S),
     :meth:`effective_neighbours` (B,). Reuse one field along a trajectory:
     ``integrate(field.velocity, x0, ...)``. Chapters 2 and 3.
+
+    **The carried screen** (Part III, performance; ``screen=False`` turns it off). Along a
+    trajectory each query is, up to a small residual, a combination of the previous query x'
+    and the previous mean m' = sum_k w'_k x^(k) (an Euler step x + h u is exactly that), and
+    where the previous mean came from a few candidates its inner products with the support,
+    sum_k w'_k <x^(i), x^(k)>, need only cached Gram columns. So for x = g_0 x' + g_1 m' + r
+    (coefficients by least squares, the residual r formed explicitly)
+
+    .. math::
+
+        \langle x, x^{(i)}\rangle = g_0 \langle x', x^{(i)}\rangle
+            + g_1 \textstyle\sum_k w'_k \langle x^{(k)}, x^{(i)}\rangle + \langle r, x^{(i)}\rangle,
+        \qquad |\langle r, x^{(i)}\rangle| \le \|r\| \max_i \|x^{(i)}\|,
+
+    which gives every logit l_i = (t / sigma_t^2)(<x, x^(i)> - t <c, x^(i)>) - t^2 ||x^(i) - c||^2
+    / (2 sigma_t^2) to within a slack s = (t / sigma_t^2) E, where E adds |g_0| times the previous
+    bound, |g_1| times the Gram columns' rounding (ERROR_FACTOR + 1) eps max||x^(i)||^2 and
+    the mass of the candidate weights left out of the sum times max||x^(i)||^2, ||r||
+    max||x^(i)|| and float64 rounding. A row whose slack is at most ``CARRY_SLACK`` keeps the
+    keys with l~_i >= max_j l~_j - (2 s + log n + log(1/eps) + 2): those left out weigh less than
+    eps e^-2 in total (:func:`nwflow._accuracy.screen_margin`), and the kept ones, at most
+    ``SCREEN_MAX``, get their exact float64 weights and mean (:func:`nwflow._accuracy.refine`).
+    Every other row takes the full pass, whose logits are kept to start the next call's carry
+    (their bound: :func:`nwflow._accuracy.logit_error_bound`). A first call, a new batch size or
+    a query off the previous span costs one small least-squares fit per row.
     """
 
+    _carries = True  # a sharded field computes its products across ranks: no carried screen
+
     def __init__(self, support: torch.Tensor, sigma_min: float = 0.0, chunk_size: int | None = None,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, screen: bool = True) -> None:
         check_support_layout(support)
         chunk_size = check_optional_positive_int(chunk_size, "chunk_size")
         chunk_bytes = check_positive_int(chunk_bytes, "chunk_bytes")
@@ -133,6 +184,13 @@ class EmpiricalField:
         if not (math.isfinite(self._raw_max) and 4.0 * self._raw_max**2 < torch.finfo(self.dtype).max):
             raise ValueError(f"support values are too large for {self.dtype}: their squared norms overflow")
         self._center_wide = self.center.to(WIDE)
+        if not isinstance(screen, bool):
+            raise TypeError(f"screen must be a bool, got {type(screen).__name__}")
+        self.screen = screen
+        self._trail: _Trail | None = None
+        self._scalars: tuple[torch.Tensor, torch.Tensor, float, float] | None = None
+        self._gram: torch.Tensor | None = None
+        self._slots: dict[int, int] = {}
 
     def _centre(self) -> torch.Tensor:
         """A centre c (D,): the mean of at most 1024 support points spread evenly through the set
@@ -201,13 +259,17 @@ class EmpiricalField:
         """
         return (keys @ q.T).T.addr_(a, norms, alpha=-1.0)
 
-    def _blocks(self, q: torch.Tensor, a: torch.Tensor, values: bool, spread: bool) -> Iterator[Block]:
-        """The support in chunks, in the compute dtype, with its cached key norms."""
+    def _blocks(self, q: torch.Tensor, a: torch.Tensor, values: bool, spread: bool,
+                record: torch.Tensor | None = None) -> Iterator[Block]:
+        """The support in chunks, in the compute dtype, with its cached key norms (the logits
+        copied into ``record`` (B, n) before the pass consumes them, when given)."""
         chunk = self._chunk(q.shape[0])
         for start in range(0, len(self.support), chunk):
             X, norms = self.support[start:start + chunk], self.key_norms[start:start + chunk]
-            yield Block(self._logits(q, a, X, norms), X if values else None,
-                        scalars=norms if spread else None, start=start)
+            logits = self._logits(q, a, X, norms)
+            if record is not None:
+                record[:, start:start + chunk] = logits
+            yield Block(logits, X if values else None, scalars=norms if spread else None, start=start)
 
     def _wide_blocks(self, q: torch.Tensor, a: torch.Tensor, g: torch.Tensor | None = None,
                      mg: torch.Tensor | None = None) -> Iterator[Block]:
@@ -246,9 +308,11 @@ class EmpiricalField:
                                         self._gather(top), self._center_wide, self._sigma(tt[rows]))
 
     def _solve(self, xf: torch.Tensor, tt: torch.Tensor, a: torch.Tensor | None = None,
-               b: torch.Tensor | None = None) -> tuple[Accumulated, list[_Exact]]:
+               b: torch.Tensor | None = None, record: torch.Tensor | None = None
+               ) -> tuple[Accumulated, list[_Exact]]:
         """The streamed pass plus the rows recomputed in float64: for y = (a m - b x) / c when
-        ``a`` and ``b`` are given, for n_eff otherwise (which decides the accuracy test)."""
+        ``a`` and ``b`` are given, for n_eff otherwise (which decides the accuracy test);
+        ``record`` receives the streamed logits."""
         q, a_q = self._scaled_query(xf, tt, self.dtype)
         error = _accuracy.logit_error_bound(q, a_q, self._eps, self._raw_max, self._centred_max2)
         neff = a is None
@@ -256,7 +320,8 @@ class EmpiricalField:
         # runs on every fp32 result (its cost: one matrix-vector product).
         track = bool(_accuracy.tracks_candidates(error, self._eps).any())
         check = self.dtype != WIDE and (not neff or track)
-        acc = self._combine(online_softmax(self._blocks(q, a_q, values=not neff, spread=check and not neff),
+        acc = self._combine(online_softmax(self._blocks(q, a_q, values=not neff, spread=check and not neff,
+                                                        record=record),
                                            squares=neff, top_k=_accuracy.CANDIDATES if track else 0))
         exact, covered = [], torch.zeros_like(error, dtype=torch.bool)
         if track:
@@ -283,6 +348,180 @@ class EmpiricalField:
             if rows.numel():
                 exact.append(self._wide_pass(xf, tt, rows))
         return acc, exact
+
+    # -- the carried screen (Part III, performance; see the class docstring) -------------------
+    def _wide_scalars(self) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+        """<c, x^(i)> and ||x^(i) - c||^2 (n,) in float64, with their largest sizes (once per field)."""
+        if self._scalars is None:
+            X, c = self.support, self._center_wide
+            rows = chunk_rows(_CACHE_BYTES if self.device.type == "cpu" else WIDE_BYTES, X.shape[1] * 8)
+            cx = torch.empty(len(X), dtype=WIDE, device=self.device)
+            nc = torch.empty_like(cx)
+            for s in range(0, len(X), rows):
+                Xw = X[s:s + rows].to(WIDE)
+                cx[s:s + rows] = Xw @ c
+                nc[s:s + rows] = (Xw - c).square_().sum(dim=1)
+            self._scalars = (cx, nc, float(cx.abs().max()), float(nc.max()))
+        return self._scalars
+
+    def _gram_slots(self, keys: torch.Tensor) -> torch.Tensor | None:
+        """Rows of the Gram cache holding <x^(j), x^(i)> (n,) for the support indices ``keys``
+        (u,), computed where missing; None when they do not fit in its budget."""
+        if self._gram is None:
+            cap = max(1, _GRAM_BYTES // (self.n * self.support.element_size()))
+            self._gram = torch.empty(cap, self.n, dtype=self.dtype, device=self.device)
+        cap, wanted = self._gram.shape[0], keys.tolist()
+        if len(wanted) > cap:
+            return None
+        missing = [j for j in wanted if j not in self._slots]
+        if len(self._slots) + len(missing) > cap:
+            self._slots, missing = {}, wanted
+        if missing:
+            base = len(self._slots)
+            new = self.support[torch.tensor(missing, device=self.device)]
+            self._gram[base:base + len(missing)] = new @ self.support.T
+            self._slots.update((j, base + i) for i, j in enumerate(missing))
+        return torch.tensor([self._slots[j] for j in wanted], device=self.device)
+
+    def _screen(self, xw: torch.Tensor, tt: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Rows of this batch screened from the previous call's trail: (rows (h,), their inner
+        products <x, x^(i)> (h, n) float64, the bound on those (h,), candidates (h, k)), or None."""
+        tr = self._trail
+        if tr is None or tr.x.shape != xw.shape:
+            return None
+        s2 = self._sigma(tt).square()
+        f, a_w = tt / s2, tt.square() / (2.0 * s2)
+        rows = (tr.carried & (tt > 0) & torch.isfinite(f)).nonzero().squeeze(1)
+        if not rows.numel():
+            return None
+        tiny, raw, raw2 = torch.finfo(WIDE).eps, self._raw_max, self._raw_max ** 2
+        m_prev, x_prev = tr.mean[rows], tr.x[rows]
+        gamma, rho = _accuracy.span_fit(xw[rows], torch.stack([x_prev, m_prev], dim=1))
+        g0, g1 = gamma[:, 0].abs(), gamma[:, 1].abs()
+        fr, w = f[rows], tr.weights[rows]
+        # Gram columns only for weights whose omission could matter: the rest move <x^(i), m'>
+        # by at most their mass times max ||x^(i)||^2, kept below 1/4 of a logit unit.
+        keep_w = w >= (0.25 / (fr * g1 * raw2 * w.shape[1]))[:, None]
+        left_out = (w * ~keep_w).sum(dim=1)
+        e_mean = raw2 * (left_out + (_accuracy.ERROR_FACTOR + 1.0) * self._eps + (w.shape[1] + 4) * tiny)
+        error = (g0 * tr.error[rows] + g1 * e_mean + rho * raw
+                 + 4.0 * tiny * raw * (g0 * x_prev.norm(dim=1) + g1 * m_prev.norm(dim=1)))
+        go = fr * error <= _accuracy.CARRY_SLACK
+        if not bool(go.any()):
+            return None
+        rows, gamma, error, keep_w, w = rows[go], gamma[go], error[go], keep_w[go], w[go]
+        index = tr.index[rows]
+        keys = torch.unique(index[keep_w])
+        slots = self._gram_slots(keys) if keys.numel() else keys
+        if slots is None:  # more columns than the cache holds: the first rows whose columns fit
+            cap, seen, fit = self._gram.shape[0], set(), []
+            for k in range(rows.numel()):
+                need = seen | set(index[k, keep_w[k]].tolist())
+                if len(need) <= cap:
+                    seen = need
+                    fit.append(k)
+            if not fit:
+                return None
+            fit = torch.tensor(fit, device=self.device)
+            rows, gamma, error, keep_w, w, index = (v[fit] for v in (rows, gamma, error, keep_w, w, index))
+            keys = torch.tensor(sorted(seen), dtype=torch.long, device=self.device)
+            slots = self._gram_slots(keys) if keys.numel() else keys
+        slot_of = torch.full((self.n,), -1, dtype=torch.long, device=self.device)
+        slot_of[keys] = slots
+        cx, nc, cx_max, nc_max = self._wide_scalars()
+        norms = self.key_norms.to(WIDE)
+        inner = torch.empty(rows.numel(), self.n, dtype=WIDE, device=self.device)
+        for k, r in enumerate(rows.tolist()):
+            if int(tr.inner_pos[r]) >= 0:
+                prev = tr.inner[int(tr.inner_pos[r])]
+            else:
+                t0 = tr.t[r]
+                streamed = tr.logits[int(tr.logit_pos[r])].to(WIDE)
+                prev = (streamed + tr.a[r] * norms).mul_(self._sigma(t0) ** 2 / t0).add_(t0 * cx)
+            sel = keep_w[k]
+            pm = w[k, sel] @ self._gram[slot_of[index[k, sel]]].to(WIDE) if bool(sel.any()) else 0.0
+            inner[k] = gamma[k, 0] * prev + gamma[k, 1] * pm
+        # l~_i = f (<x, x^(i)> - t <c, x^(i)>) - a ||x^(i) - c||^2, each within f E (+ float64 rounding)
+        fr, ar, tr_ = f[rows], a_w[rows], tt[rows]
+        logits = (inner - tr_[:, None] * cx).mul_(fr[:, None]).sub_(ar[:, None] * nc)
+        D = self.support.shape[1]
+        slack = fr * error + 8.0 * D * tiny * (fr * (raw * xw[rows].norm(dim=1) + tr_ * cx_max) + ar * nc_max)
+        count = _accuracy.screened(logits, slack, self.n, self._eps)
+        ok = count <= _accuracy.SCREEN_MAX
+        if not bool(ok.any()):
+            return None
+        top = torch.topk(logits[ok], int(count[ok].max()), dim=1).indices
+        return rows[ok], inner[ok], error[ok], top
+
+    def _solve_screened(self, xf: torch.Tensor, tt: torch.Tensor, a: torch.Tensor, b: torch.Tensor
+                        ) -> tuple[torch.Tensor, list[_Exact]]:
+        """The mean (B, D) and the rows recomputed in float64 for y = (a m - b x) / c: rows the
+        carried screen reaches from their candidates, the others by :meth:`_solve`; leaves the
+        trail for the next call."""
+        B = xf.shape[0]
+        if not (self.screen and self._carries and B and self.n > 1):
+            acc, exact = self._solve(xf, tt, a, b)
+            return acc.mean, exact
+        xw = xf.to(WIDE)
+        hit = self._screen(xw, tt)
+        exact, done = [], torch.zeros(B, dtype=torch.bool, device=self.device)
+        if hit is not None:
+            exact.append(self._from_candidates(xf, tt, hit[0], hit[3]))
+            done[hit[0]] = True
+        rest = (~done).nonzero().squeeze(1)
+        mean, record = torch.zeros_like(xf), None
+        if rest.numel():
+            part = rest.numel() < B
+            xr, tr_, ar, br = (v[rest] for v in (xf, tt, a, b)) if part else (xf, tt, a, b)
+            record = torch.empty(rest.numel(), self.n, dtype=self.dtype, device=self.device)
+            acc, rest_exact = self._solve(xr, tr_, ar, br, record=record)
+            if part:
+                mean[rest] = acc.mean
+            else:
+                mean = acc.mean
+            for e in rest_exact:
+                e.rows = rest[e.rows]
+                exact.append(e)
+        self._trail = self._next_trail(xf, xw, tt, exact, hit, rest, record)
+        return mean, exact
+
+    def _next_trail(self, xf: torch.Tensor, xw: torch.Tensor, tt: torch.Tensor, exact: list[_Exact],
+                    hit: tuple | None, rest: torch.Tensor, record: torch.Tensor | None) -> _Trail:
+        """The trail of this call: its candidate means, and the bound on the inner products each
+        carried row hands on (screened rows: theirs; rows of the full pass: from their logits,
+        within logit_error_bound / f plus the rounding of q)."""
+        B, dev = xw.shape[0], self.device
+        refined = [e for e in exact if e.index is not None]
+        k = max([e.index.shape[1] for e in refined], default=1)
+        index = torch.zeros(B, k, dtype=torch.long, device=dev)
+        weights = torch.zeros(B, k, dtype=WIDE, device=dev)
+        mean = torch.zeros_like(xw)
+        carried = torch.zeros(B, dtype=torch.bool, device=dev)
+        for e in refined:
+            r, kk = e.rows, e.index.shape[1]
+            index[r, :kk], weights[r, :kk], mean[r], carried[r] = e.index, e.weights, e.mean, True
+        error = torch.zeros(B, dtype=WIDE, device=dev)
+        inner_pos = torch.full((B,), -1, dtype=torch.long, device=dev)
+        logit_pos = torch.full((B,), -1, dtype=torch.long, device=dev)
+        a_rec = torch.zeros(B, dtype=WIDE, device=dev)
+        if hit is not None:
+            inner_pos[hit[0]] = torch.arange(hit[0].numel(), device=dev)
+            error[hit[0]] = hit[2]
+        if record is not None:
+            q, a_q = self._scaled_query(xf[rest], tt[rest], self.dtype)
+            delta = _accuracy.logit_error_bound(q, a_q, self._eps, self._raw_max, self._centred_max2)
+            t = tt[rest]
+            # q = fl(t (x - t c) / sigma^2): its rounding is relative to ||x - t c|| + t ||c||.
+            size = (xw[rest] - t[:, None] * self._center_wide).norm(dim=1) + t * self._center_wide.norm()
+            bound = (delta * self._sigma(t).square() / t
+                     + _accuracy.ERROR_FACTOR * self._eps * size * self._raw_max)
+            logit_pos[rest] = torch.arange(rest.numel(), device=dev)
+            error[rest] = torch.where(t > 0, bound, torch.inf)
+            a_rec[rest] = a_q.to(WIDE)
+            carried[rest] &= t > 0
+        return _Trail(xw, tt, carried, mean, index, weights, error, inner_pos,
+                      None if hit is None else hit[1], logit_pos, record, a_rec)
 
     # -- gradients in x --------------------------------------------------------------------
     def _covariance_product(self, xf: torch.Tensor, tt: torch.Tensor, m: torch.Tensor,
@@ -320,8 +559,8 @@ class EmpiricalField:
         a, b, c = (torch.as_tensor(v, dtype=WIDE, device=self.device).expand(tt.shape)
                    for v in coefficients(tt))
         with exact_matmul():
-            acc, exact = self._solve(xf, tt, a, b)
-            m, dt = acc.mean, self.dtype
+            m, exact = self._solve_screened(xf, tt, a, b)
+            dt = self.dtype
             y = (m * a.to(dt)[:, None]).sub_(b.to(dt)[:, None] * xf).mul_((1.0 / c).to(dt)[:, None])
             for e in exact:
                 r = e.rows

@@ -80,10 +80,15 @@ def test_trajectory_smoke_run_follows_the_closed_form_and_writes_json(tmp_path):
     assert [s["t"] for s in r["steps"]] == pytest.approx([0.99 * k / 8 for k in range(8)])
     assert {e["step"] for e in r["errors"]} == {0, 4, 7}
     assert r["worst_error"]["field"] <= 1e-5  # the engine's promise along the run, fp32
+    assert r["worst_error"]["field_full"] <= 1e-5
+    # No trail before the first step; afterwards at most the batch (the screen's own tests
+    # check when it answers).
+    assert r["steps"][0]["screened_rows"] == 0 and all(0 <= s["screened_rows"] <= 4 for s in r["steps"])
     # n_eff falls along the run: all 600 points weigh alike at t = 0.
     assert r["steps"][0]["median_n_eff"] == pytest.approx(600, rel=1e-4)
     assert r["steps"][-1]["median_n_eff"] < r["steps"][0]["median_n_eff"]
-    assert set(r["ratios"]) == {"field/two_gemm_pre", "field/sdpa_pre"} and "provenance" in record
+    assert set(r["ratios"]) == {"field/two_gemm_pre", "field/sdpa_pre", "field_full/two_gemm_pre",
+                                "field_full/sdpa_pre"} and "provenance" in record
 
 
 def test_gpu_check_script_parses_and_names_files_that_exist():
