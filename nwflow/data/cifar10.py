@@ -19,8 +19,10 @@ the planned Part III runs it at CIFAR-10 scale.
    airplane 0, automobile 0, ..., truck 0, airplane 1, ... (within a class, the original
    order). Decoded once and cached as uint8 (see below).
 
-``source="lossless"`` reads ``cifar10-lossless-subset.npz`` instead: the first 5,170 training
-and first 1,017 test images of the batches, bit-exact, in the original order.
+``source="lossless"`` reads ``cifar10-lossless-subset.npz`` instead: 5,170 training and 1,017
+test images of the batches, bit-exact. They are not the first 5,170: paired with the JPEG copy
+(chapter 10), the first 1,102 are the batches' first training images and the rest come from
+deeper in the batches.
 
 Cache: decoded JPEGs are saved as an .npz beside the source, or, when that folder is
 read-only, in ``cache_dir`` / ``NWFLOW_CACHE_DIR`` / ``~/.cache/nwflow``; its key includes
