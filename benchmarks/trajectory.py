@@ -10,9 +10,10 @@ velocity at the same state (the state advances with ``field``'s result), so the 
 times compare like with like along the run, through the regimes the posterior goes through
 (all points weighted at t = 0, one point from t of about 0.3 on CIFAR-10):
 
-- ``field``: ``nwflow.EmpiricalField(X).velocity``, the field built once (its carried screen
-  on: rows whose weight sits on a few candidates are screened from the previous step's trail);
-- ``field_full``: the same with ``screen=False`` (every step the full pass);
+- ``field``: ``nwflow.EmpiricalField(X, screen=True).velocity``, the field built once, its
+  carried screen on (rows whose weight sits on a few candidates are screened from the
+  previous step's trail);
+- ``field_full``: the same with ``screen=False``, the default (every step the full pass);
 - ``two_gemm_pre``: logits by one ``addmm`` with cached key norms, ``softmax``, a second product;
 - ``sdpa_pre``: torch's ``scaled_dot_product_attention`` with the cached key norms as a mask.
 
@@ -63,7 +64,7 @@ def sync(device: torch.device) -> None:
 def run_batch(X: torch.Tensor, B: int, args: argparse.Namespace) -> dict:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(B, X.shape[1], generator=g).to(X.device)
-    field, full = EmpiricalField(X), EmpiricalField(X, screen=False)
+    field, full = EmpiricalField(X, screen=True), EmpiricalField(X, screen=False)
     exact = EmpiricalField(X.double(), screen=False)
     norms = torch.linalg.vector_norm(X, dim=1).square()
     fns = {"field": lambda x, t: field.velocity(x, t), "field_full": lambda x, t: full.velocity(x, t),

@@ -121,14 +121,15 @@ class EmpiricalField:
     ``support`` (n, *S) floating tensor (images stay (C, H, W), flattened internally; kept by
     reference when contiguous fp32/fp64); ``sigma_min`` in [0, 1); ``chunk_size`` support
     points per streamed chunk (``None``: one chunk when the (B, n) logits fit in
-    ``chunk_bytes``); ``screen`` (default True) the carried screen below. Results do not
+    ``chunk_bytes``); ``screen`` (default False) the carried screen below. Results do not
     depend on the chunking. Methods take ``x`` (B, *S) and
     ``t`` (a number, 0-d or (B,) tensor in [0, 1]): :meth:`posterior_weights` (B, n),
     :meth:`posterior_mean`, :meth:`velocity`, :meth:`score` (B, *S),
     :meth:`effective_neighbours` (B,). Reuse one field along a trajectory:
     ``integrate(field.velocity, x0, ...)``. Chapters 2 and 3.
 
-    **The carried screen** (Part III, performance; ``screen=False`` turns it off). Along a
+    **The carried screen** (Part III, performance; ``screen=True`` turns it on: off by default
+    until it is measured to pay, see benchmarks/results/trajectory-cpu-B64.json). Along a
     trajectory each query is, up to a small residual, a combination of the previous query x'
     and the previous mean m' = sum_k w'_k x^(k) (an Euler step x + h u is exactly that), and
     where the previous mean came from a few candidates its inner products with the support,
@@ -157,7 +158,7 @@ class EmpiricalField:
     _carries = True  # a sharded field computes its products across ranks: no carried screen
 
     def __init__(self, support: torch.Tensor, sigma_min: float = 0.0, chunk_size: int | None = None,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, screen: bool = True) -> None:
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, screen: bool = False) -> None:
         check_support_layout(support)
         chunk_size = check_optional_positive_int(chunk_size, "chunk_size")
         chunk_bytes = check_positive_int(chunk_bytes, "chunk_bytes")

@@ -48,7 +48,7 @@ def fields(X: torch.Tensor, dtype: torch.dtype, **kw) -> tuple[EmpiricalField, E
     """The screened field in ``dtype`` and its float64 reference without the screen, over the
     same (rounded) support."""
     Xd = X.to(dtype)
-    return EmpiricalField(Xd, **kw), EmpiricalField(Xd.double(), screen=False, **kw)
+    return EmpiricalField(Xd, screen=True, **kw), EmpiricalField(Xd.double(), screen=False, **kw)
 
 
 CASES = {
@@ -168,8 +168,8 @@ def test_gram_cache_overflow_and_switch(monkeypatch):
     worst, screened = euler(field, ref, x, torch.zeros(8, dtype=torch.float64),
                             torch.full((8,), 0.99, dtype=torch.float64), 40)
     assert worst <= 1e-9 and screened > 0
-    off = EmpiricalField(X, screen=False)
-    off.velocity(x, 0.5)
-    assert off._trail is None
+    for off in (EmpiricalField(X, screen=False), EmpiricalField(X)):  # off by default
+        off.velocity(x, 0.5)
+        assert off._trail is None
     with pytest.raises(TypeError, match="screen"):
         EmpiricalField(X, screen=1)
