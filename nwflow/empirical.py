@@ -129,7 +129,7 @@ class EmpiricalField:
     ``integrate(field.velocity, x0, ...)``. Chapters 2 and 3.
 
     **The carried screen** (Part III, performance; ``screen=True`` turns it on: off by default
-    until it is measured to pay, see benchmarks/results/trajectory-cpu-B64.json). Along a
+    until it is measured to pay, see book/results/bench/trajectory_cpu.json). Along a
     trajectory each query is, up to a small residual, a combination of the previous query x'
     and the previous mean m' = sum_k w'_k x^(k) (an Euler step x + h u is exactly that), and
     where the previous mean came from a few candidates its inner products with the support,
