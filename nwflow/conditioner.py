@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -441,6 +442,36 @@ def flow_matching_batch(config: TaskConfig, n_tasks: int, generator: torch.Gener
     return torch.cat([xt, support], dim=1), t, conditional_velocity(x0, x1, sigma_min)
 
 
+# Training batches drawn by train_conditioner, keyed by all that determines them: the task
+# configuration, the number of tasks, sigma_min and the generator's state before the draw. A sweep
+# that trains several models with one seed (the exact head on and off, several numbers of heads) so
+# draws its tasks once; the batch and the generator's state after the draw are those of a fresh
+# draw, so results do not change. Bounded in bytes (least recently used first out); the batches
+# are read, never modified in place.
+_BATCH_CACHE: OrderedDict[tuple, tuple[tuple[torch.Tensor, ...], torch.Tensor, int]] = OrderedDict()
+_BATCH_CACHE_LIMIT = 64 * 2**20
+_batch_cache_bytes = 0
+
+
+def _cached_batch(config: TaskConfig, n_tasks: int, generator: torch.Generator, sigma_min: float
+                  ) -> tuple[torch.Tensor, ...]:
+    """:func:`flow_matching_batch`, drawn once per (config, n_tasks, sigma_min, generator state)."""
+    global _batch_cache_bytes
+    key = (repr(asdict(config)), n_tasks, float(sigma_min), generator.get_state().numpy().tobytes())
+    hit = _BATCH_CACHE.get(key)
+    if hit is not None:
+        _BATCH_CACHE.move_to_end(key)
+        generator.set_state(hit[1])
+        return hit[0]
+    batch = flow_matching_batch(config, n_tasks, generator, sigma_min)
+    size = sum(a.numel() * a.element_size() for a in batch)
+    _BATCH_CACHE[key] = (batch, generator.get_state(), size)
+    _batch_cache_bytes += size
+    while _batch_cache_bytes > _BATCH_CACHE_LIMIT and _BATCH_CACHE:
+        _batch_cache_bytes -= _BATCH_CACHE.popitem(last=False)[1][2]
+    return batch
+
+
 def train_conditioner(model: SupportConditionedVelocity, config: TaskConfig, steps: int,
                       n_tasks: int = 16, lr: float = 1e-3, seed: int = 0,
                       checkpoint: str | os.PathLike | None = None, progress: bool = True,
@@ -468,7 +499,7 @@ def train_conditioner(model: SupportConditionedVelocity, config: TaskConfig, ste
 
     def batch_fn(step: int, generator: torch.Generator):
         # Tasks are drawn on the CPU (reproducible for any device), then moved.
-        return tuple(a.to(device) for a in flow_matching_batch(config, n_tasks, generator, model.sigma_min))
+        return tuple(a.to(device) for a in _cached_batch(config, n_tasks, generator, model.sigma_min))
 
     return train_velocity(PackedTasks(model), batch_fn, steps, lr=lr, seed=seed, checkpoint=checkpoint,
                           config=run_config, progress=progress, desc="conditioner")

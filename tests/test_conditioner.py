@@ -239,6 +239,36 @@ def test_training_resumes_exactly_from_its_checkpoint(tmp_path):
                             checkpoint=path)
 
 
+def test_cached_training_batches_are_those_of_a_fresh_draw():
+    """train_conditioner draws each batch once per (config, n_tasks, sigma_min, generator state):
+    a second model trained with the same seed sees the same batches, and its training equals a
+    training with the cache emptied first; the cache stays within its byte bound."""
+    cfg = small_config()
+
+    def trained():
+        torch.manual_seed(4)
+        model = C.SupportConditionedVelocity(3, width=8, heads=2, layers=1)
+        return model, C.train_conditioner(model, cfg, 6, n_tasks=2, seed=3, progress=False)
+
+    C._BATCH_CACHE.clear()
+    C._batch_cache_bytes = 0
+    fresh_model, fresh_hist = trained()
+    assert len(C._BATCH_CACHE) == 6
+    cached_model, cached_hist = trained()                  # every batch from the cache
+    assert len(C._BATCH_CACHE) == 6
+    assert cached_hist["loss"] == fresh_hist["loss"]
+    for a, b in zip(fresh_model.parameters(), cached_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    # A cached batch and the generator state after it equal a fresh draw's.
+    g = torch.Generator().manual_seed(3)
+    first = C.flow_matching_batch(cfg, 2, g, SM)
+    g_cached = torch.Generator().manual_seed(3)
+    hit = C._cached_batch(cfg, 2, g_cached, SM)
+    assert all(torch.equal(a, b) for a, b in zip(first, hit, strict=True))
+    assert torch.equal(g.get_state(), g_cached.get_state())
+    assert C._batch_cache_bytes == sum(v[2] for v in C._BATCH_CACHE.values()) <= C._BATCH_CACHE_LIMIT
+
+
 def test_a_briefly_trained_field_beats_the_plug_in_late_but_not_early():
     """The collapse regime: at t = 0.95 the plug-in points at single support points, a trained
     net does not; at t = 0.05 the plug-in (the support mean) is already near-optimal."""
