@@ -13,7 +13,8 @@ Methods, all computing u(x, t) = (m - x) / sigma_t with m the softmax-weighted s
   key norms as an additive float mask, computed in the call / beforehand: the peer to beat.
 - ``cdist``: the naive one: squared ``torch.cdist`` distances to t X, softmax, mean.
 - ``nwflow``: :func:`nwflow.velocity` (builds its centre and key norms in the call).
-- ``field``: :meth:`nwflow.EmpiricalField.velocity` with the field built beforehand.
+- ``field``: :meth:`nwflow.EmpiricalField.velocity` with the field built beforehand (``screen=False``:
+  one evaluation, nothing carried from the previous call).
 
 Times are medians over ``--repeats`` rounds; within a round the methods run one after the
 other in a rotating order, so a slow spell on a shared machine hits all of them. Ratios:
@@ -143,7 +144,7 @@ def _status_kib(field: str) -> int | None:
 def cpu_peak_child(name: str, n: int, D: int, B: int, t: float) -> dict[str, Any]:
     """Run one method once in this (fresh) process; return its extra peak RSS in bytes."""
     X, x = make_problem(n, D, B, t, torch.device("cpu"))
-    field = EmpiricalField(X) if name == "field" else None
+    field = EmpiricalField(X, screen=False) if name == "field" else None  # as bench_config
     norms = torch.linalg.vector_norm(X, dim=1).square() if name.endswith("_pre") else None
     fn = method_fn(name, x, t, X, field, norms)
     rss_before = _status_kib("VmRSS")
@@ -185,7 +186,9 @@ def cuda_peak(fn, device: torch.device) -> dict[str, Any]:
 def bench_config(n: int, D: int, B: int, t: float, device: torch.device, repeats: int, warmup: int,
                  threads: int, memory: bool) -> dict[str, Any]:
     X, x = make_problem(n, D, B, t, device)
-    field = EmpiricalField(X)
+    # Single evaluations: the carried screen off, or the repeated calls on the same queries
+    # would be answered from the previous call's trail (benchmarks/trajectory.py measures that).
+    field = EmpiricalField(X, screen=False)
     norms = torch.linalg.vector_norm(X, dim=1).square()
     fns = {m: method_fn(m, x, t, X, field, norms) for m in METHODS}
     with exact_matmul():  # the references run under the same (full fp32) precision

@@ -33,7 +33,7 @@ from nwflow._precision import WIDE
 
 __all__ = ["CANDIDATES", "FALLBACK_TOL", "OBSERVED", "OBSERVED_SAFETY", "SCREEN_MAX", "CARRY_SLACK",
            "logit_error_bound", "tracks_candidates", "covered", "refine", "observed_error", "relative_error",
-           "span_fit", "screen_margin", "screened"]
+           "span_fit", "screen_margin", "screened", "kept_keys"]
 
 # Candidates per row kept for the exact refinement.
 CANDIDATES = 64
@@ -51,7 +51,7 @@ OBSERVED_SAFETY = 8.0
 # The carried screen (nwflow.empirical, Part III, performance): candidates a screened row may
 # keep (more: the full pass), and the largest logit slack a carried row may have.
 SCREEN_MAX = 128
-CARRY_SLACK = 4.0
+CARRY_SLACK = 64.0
 
 
 def logit_error_bound(q: torch.Tensor, a: torch.Tensor, eps: float, raw_max: float,
@@ -81,8 +81,7 @@ def covered(error: torch.Tensor, top: torch.Tensor, n: int, eps: float) -> tuple
     Shapes: ``error`` (B,) the bound, ``top`` (B, K) each row's largest logits, descending.
     Chapter 3.
     """
-    margin = 2.0 * error + math.log(n) + math.log(1.0 / eps) + 2.0
-    inside = (top.to(WIDE) >= (top[:, 0].to(WIDE) - margin)[:, None]).sum(dim=1)
+    inside = (top.to(WIDE) >= (top[:, 0].to(WIDE) - screen_margin(error, n, eps))[:, None]).sum(dim=1)
     # With all n points among the candidates every row is covered.
     return ((inside < top.shape[1]) | (top.shape[1] == n)) & tracks_candidates(error, eps), inside
 
@@ -176,3 +175,13 @@ def screened(logits: torch.Tensor, slack: torch.Tensor, n: int, eps: float) -> t
     logits, each within ``slack`` (r,) of the exact one. Part III, performance."""
     best = logits.amax(dim=1)
     return (logits >= (best - screen_margin(slack, n, eps))[:, None]).sum(dim=1)
+
+
+def kept_keys(logits: torch.Tensor, slack: torch.Tensor, n: int, eps: float) -> torch.Tensor:
+    """The keys any row keeps under :func:`screen_margin`, (u,) ascending indices into the
+    columns of ``logits`` (r, n), each within ``slack`` (r,) of the exact logit: summing over
+    them alone leaves out less than eps e^-2 of every row's weight. Chapter 3."""
+    best = logits.amax(dim=1).to(WIDE)
+    floor = (best - screen_margin(slack, n, eps)).to(logits.dtype)
+    return (logits >= floor[:, None]).any(dim=0).nonzero().squeeze(1)
+

@@ -59,7 +59,7 @@ class ShardedField(EmpiricalField):
     extends across ranks: chapter 3 (its performance: planned Part III).
     """
 
-    _carries = False  # the carried screen needs the whole support's inner products: not across ranks
+    _local = False  # the carried screen and the covered-first pass need the whole support: not across ranks
 
     def __init__(self, local_support: torch.Tensor, group: dist.ProcessGroup | None = None,
                  sigma_min: float = 0.0, chunk_size: int | None = None,

@@ -56,6 +56,12 @@ Coefficients = Callable[[torch.Tensor], tuple[Scalar, Scalar, Scalar]]
 
 # Work-space of the key-norm pass on the CPU: small enough to stay in cache.
 _CACHE_BYTES = 4 * 2**20
+# The second product runs over the kept keys alone when they are at most this share of the
+# support (gathering them costs about three reads of their rows).
+_SPARSE_FRACTION = 0.25
+# The carried screen is on by default for supports of at least this many numbers (n D): below
+# it a full pass costs little more than the screen's bookkeeping.
+SCREEN_FROM = 2**22
 # Cached Gram columns <x^(i), x^(j)> of the carried screen: at most this many bytes.
 _GRAM_BYTES = 256 * 2**20
 
@@ -117,19 +123,20 @@ class EmpiricalField:
     .. math:: u(x, t) = \frac{m(x, t) - (1 - \sigma_{\min}) x}{\sigma_t},
         \quad m(x, t) = \sum_j w_j(x, t)\, x^{(j)}
 
-    ``EmpiricalField(support, sigma_min=0.0, chunk_size=None, chunk_bytes=DEFAULT_CHUNK_BYTES)``:
-    ``support`` (n, *S) floating tensor (images stay (C, H, W), flattened internally; kept by
-    reference when contiguous fp32/fp64); ``sigma_min`` in [0, 1); ``chunk_size`` support
-    points per streamed chunk (``None``: one chunk when the (B, n) logits fit in
-    ``chunk_bytes``); ``screen`` (default False) the carried screen below. Results do not
-    depend on the chunking. Methods take ``x`` (B, *S) and
+    ``EmpiricalField(support, sigma_min=0.0, chunk_size=None, chunk_bytes=DEFAULT_CHUNK_BYTES,
+    screen=None)``: ``support`` (n, *S) floating tensor (images stay (C, H, W), flattened
+    internally; kept by reference when contiguous fp32/fp64); ``sigma_min`` in [0, 1);
+    ``chunk_size`` support points per streamed chunk (``None``: one chunk when the (B, n) logits
+    fit in ``chunk_bytes``); ``screen`` the carried screen below (``None``: on for a support of
+    at least ``SCREEN_FROM`` numbers n D, where it pays; ``True``/``False``: on/off). Results do
+    not depend on the chunking. Methods take ``x`` (B, *S) and
     ``t`` (a number, 0-d or (B,) tensor in [0, 1]): :meth:`posterior_weights` (B, n),
     :meth:`posterior_mean`, :meth:`velocity`, :meth:`score` (B, *S),
     :meth:`effective_neighbours` (B,). Reuse one field along a trajectory:
     ``integrate(field.velocity, x0, ...)``. Chapters 2 and 3.
 
-    **The carried screen** (Part III, performance; ``screen=True`` turns it on: off by default
-    until it is measured to pay, see book/results/bench/trajectory_cpu.json). Along a
+    **The carried screen** (Part III, performance; measured in book/results/bench/trajectory_cpu.json:
+    on CIFAR-10 it answers every row from t of about 0.45 at a tenth of a full pass). Along a
     trajectory each query is, up to a small residual, a combination of the previous query x'
     and the previous mean m' = sum_k w'_k x^(k) (an Euler step x + h u is exactly that), and
     where the previous mean came from a few candidates its inner products with the support,
@@ -155,10 +162,12 @@ class EmpiricalField:
     a query off the previous span costs one small least-squares fit per row.
     """
 
-    _carries = True  # a sharded field computes its products across ranks: no carried screen
+    # The whole support lives in this process (a sharded field's spans ranks): what the carried
+    # screen and the covered-first pass need.
+    _local = True
 
     def __init__(self, support: torch.Tensor, sigma_min: float = 0.0, chunk_size: int | None = None,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, screen: bool = False) -> None:
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, screen: bool | None = None) -> None:
         check_support_layout(support)
         chunk_size = check_optional_positive_int(chunk_size, "chunk_size")
         chunk_bytes = check_positive_int(chunk_bytes, "chunk_bytes")
@@ -185,9 +194,9 @@ class EmpiricalField:
         if not (math.isfinite(self._raw_max) and 4.0 * self._raw_max**2 < torch.finfo(self.dtype).max):
             raise ValueError(f"support values are too large for {self.dtype}: their squared norms overflow")
         self._center_wide = self.center.to(WIDE)
-        if not isinstance(screen, bool):
-            raise TypeError(f"screen must be a bool, got {type(screen).__name__}")
-        self.screen = screen
+        if screen is not None and not isinstance(screen, bool):
+            raise TypeError(f"screen must be None or a bool, got {type(screen).__name__}")
+        self.screen = self.support.numel() >= SCREEN_FROM if screen is None else screen
         self._trail: _Trail | None = None
         self._scalars: tuple[torch.Tensor, torch.Tensor, float, float] | None = None
         self._gram: torch.Tensor | None = None
@@ -308,6 +317,59 @@ class EmpiricalField:
         return _accuracy.observed_error(acc.top_logits[rows, :top.shape[1]], xf[rows].to(WIDE), tt[rows],
                                         self._gather(top), self._center_wide, self._sigma(tt[rows]))
 
+    def _covered_first(self, q: torch.Tensor, a: torch.Tensor, error: torch.Tensor, neff: bool,
+                       spread: bool, record: torch.Tensor | None
+                       ) -> tuple[Accumulated, torch.Tensor, torch.Tensor]:
+        """The pass of :meth:`_solve` when the (B, n) logits fit in one block: the covered rows
+        are found from the logits first, and only the others are summed against the support.
+
+        A covered row is redone from its candidates, so its streamed sums would be thrown away:
+        skipping them saves the second matrix product (half the pass) for every row whose weight
+        has collapsed. Their entries of the returned sums are placeholders (mean 0, n_eff 1).
+        The other rows are summed over the keys that some row keeps under the covering margin
+        (:func:`nwflow._accuracy.kept_keys`: what is left out weighs less than eps e^-2 in every
+        row, below the fp32 rounding of the rest) when those are at most ``_SPARSE_FRACTION``
+        of the support: as the posterior concentrates, the second product shrinks with it.
+        Returns the pass, the covered rows (B,) and how many candidates each needs (B,).
+        """
+        logits = self._logits(q, a, self.support, self.key_norms)
+        if record is not None:
+            record.copy_(logits)
+        top, index = torch.topk(logits, min(_accuracy.CANDIDATES, self.n), dim=1)
+        covered, inside = _accuracy.covered(error, top, self.n, self._eps)
+        open_ = (~covered).nonzero().squeeze(1)
+        B, D = logits.shape[0], self.support.shape[1]
+        acc = Accumulated(row_max=top[:, 0].clone(), total=torch.ones_like(top[:, 0]),
+                          mean=None if neff else logits.new_zeros(B, D),
+                          square=logits.new_ones(B) if neff else None,
+                          scalar=logits.new_zeros(B) if spread else None, top_logits=top, top_index=index)
+        if open_.numel():
+            whole = open_.numel() == B
+            rows = logits if whole else logits[open_]
+            keys = None if neff else _accuracy.kept_keys(rows, error[open_], self.n, self._eps)
+            if keys is not None and keys.numel() <= self.n * _SPARSE_FRACTION:
+                blocks = self._kept_blocks(rows, keys, spread)
+            else:
+                blocks = [Block(rows, None if neff else self.support,
+                                scalars=self.key_norms if spread else None)]
+            part = online_softmax(blocks, squares=neff)
+            for name in ("row_max", "total", "mean", "square", "scalar"):
+                value = getattr(part, name)
+                if value is not None:
+                    if whole:
+                        setattr(acc, name, value)
+                    else:
+                        getattr(acc, name)[open_] = value
+        return acc, covered, inside
+
+    def _kept_blocks(self, logits: torch.Tensor, keys: torch.Tensor, spread: bool) -> Iterator[Block]:
+        """The (r, n) ``logits`` and the support restricted to ``keys`` (u,), gathered in blocks of
+        at most ``WIDE_BYTES`` of support rows (the gather copies them)."""
+        step = chunk_rows(WIDE_BYTES, self.support.shape[1] * self.support.element_size())
+        for s in range(0, keys.numel(), step):
+            k = keys[s:s + step]
+            yield Block(logits[:, k], self.support[k], scalars=self.key_norms[k] if spread else None)
+
     def _solve(self, xf: torch.Tensor, tt: torch.Tensor, a: torch.Tensor | None = None,
                b: torch.Tensor | None = None, record: torch.Tensor | None = None
                ) -> tuple[Accumulated, list[_Exact]]:
@@ -321,12 +383,16 @@ class EmpiricalField:
         # runs on every fp32 result (its cost: one matrix-vector product).
         track = bool(_accuracy.tracks_candidates(error, self._eps).any())
         check = self.dtype != WIDE and (not neff or track)
-        acc = self._combine(online_softmax(self._blocks(q, a_q, values=not neff, spread=check and not neff,
-                                                        record=record),
-                                           squares=neff, top_k=_accuracy.CANDIDATES if track else 0))
         exact, covered = [], torch.zeros_like(error, dtype=torch.bool)
+        if track and self._local and q.shape[0] and self._chunk(q.shape[0]) >= self.n:
+            acc, covered, inside = self._covered_first(q, a_q, error, neff, check and not neff, record)
+        else:
+            blocks = self._blocks(q, a_q, values=not neff, spread=check and not neff, record=record)
+            acc = self._combine(online_softmax(blocks, squares=neff,
+                                               top_k=_accuracy.CANDIDATES if track else 0))
+            if track:
+                covered, inside = _accuracy.covered(error, acc.top_logits, self.n, self._eps)
         if track:
-            covered, inside = _accuracy.covered(error, acc.top_logits, self.n, self._eps)
             rows = covered.nonzero().squeeze(1)
             if rows.numel():
                 index = acc.top_index[rows, :int(inside[rows].max())]
@@ -365,24 +431,26 @@ class EmpiricalField:
             self._scalars = (cx, nc, float(cx.abs().max()), float(nc.max()))
         return self._scalars
 
-    def _gram_slots(self, keys: torch.Tensor) -> torch.Tensor | None:
+    def _gram_slots(self, keys: torch.Tensor) -> torch.Tensor:
         """Rows of the Gram cache holding <x^(j), x^(i)> (n,) for the support indices ``keys``
-        (u,), computed where missing; None when they do not fit in its budget."""
-        if self._gram is None:
-            cap = max(1, _GRAM_BYTES // (self.n * self.support.element_size()))
-            self._gram = torch.empty(cap, self.n, dtype=self.dtype, device=self.device)
-        cap, wanted = self._gram.shape[0], keys.tolist()
-        if len(wanted) > cap:
-            return None
+        (u,), computed where missing (the caller checks they fit: :meth:`_gram_fits`)."""
+        wanted = keys.tolist()
         missing = [j for j in wanted if j not in self._slots]
-        if len(self._slots) + len(missing) > cap:
+        if len(self._slots) + len(missing) > self._gram.shape[0]:
             self._slots, missing = {}, wanted
         if missing:
             base = len(self._slots)
             new = self.support[torch.tensor(missing, device=self.device)]
             self._gram[base:base + len(missing)] = new @ self.support.T
             self._slots.update((j, base + i) for i, j in enumerate(missing))
-        return torch.tensor([self._slots[j] for j in wanted], device=self.device)
+        return torch.tensor([self._slots[j] for j in wanted], device=self.device, dtype=torch.long)
+
+    def _gram_fits(self, keys: torch.Tensor) -> bool:
+        """Whether the Gram columns of ``keys`` fit in the cache (allocated on first use)."""
+        if self._gram is None:
+            cap = max(1, _GRAM_BYTES // (self.n * self.support.element_size()))
+            self._gram = torch.empty(cap, self.n, dtype=self.dtype, device=self.device)
+        return keys.numel() <= self._gram.shape[0]
 
     def _screen(self, xw: torch.Tensor, tt: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -400,10 +468,15 @@ class EmpiricalField:
         m_prev, x_prev = tr.mean[rows], tr.x[rows]
         gamma, rho = _accuracy.span_fit(xw[rows], torch.stack([x_prev, m_prev], dim=1))
         g0, g1 = gamma[:, 0].abs(), gamma[:, 1].abs()
-        fr, w = f[rows], tr.weights[rows]
-        # Gram columns only for weights whose omission could matter: the rest move <x^(i), m'>
-        # by at most their mass times max ||x^(i)||^2, kept below 1/4 of a logit unit.
+        fr, w, index = f[rows], tr.weights[rows], tr.index[rows]
+        # <x^(i), m'> from cached Gram columns (reused from step to step while the candidates
+        # stay), only for weights whose omission could matter (the rest move it by at most their
+        # mass times max ||x^(i)||^2, kept below 1/4 of a logit unit); when the columns do not
+        # fit in the cache, as one product of the support with the h means, nothing left out.
         keep_w = w >= (0.25 / (fr * g1 * raw2 * w.shape[1]))[:, None]
+        direct = not self._gram_fits(torch.unique(index[keep_w]))
+        if direct:
+            keep_w = w > 0
         left_out = (w * ~keep_w).sum(dim=1)
         e_mean = raw2 * (left_out + (_accuracy.ERROR_FACTOR + 1.0) * self._eps + (w.shape[1] + 4) * tiny)
         error = (g0 * tr.error[rows] + g1 * e_mean + rho * raw
@@ -411,38 +484,37 @@ class EmpiricalField:
         go = fr * error <= _accuracy.CARRY_SLACK
         if not bool(go.any()):
             return None
-        rows, gamma, error, keep_w, w = rows[go], gamma[go], error[go], keep_w[go], w[go]
-        index = tr.index[rows]
-        keys = torch.unique(index[keep_w])
-        slots = self._gram_slots(keys) if keys.numel() else keys
-        if slots is None:  # more columns than the cache holds: the first rows whose columns fit
-            cap, seen, fit = self._gram.shape[0], set(), []
-            for k in range(rows.numel()):
-                need = seen | set(index[k, keep_w[k]].tolist())
-                if len(need) <= cap:
-                    seen = need
-                    fit.append(k)
-            if not fit:
-                return None
-            fit = torch.tensor(fit, device=self.device)
-            rows, gamma, error, keep_w, w, index = (v[fit] for v in (rows, gamma, error, keep_w, w, index))
-            keys = torch.tensor(sorted(seen), dtype=torch.long, device=self.device)
-            slots = self._gram_slots(keys) if keys.numel() else keys
-        slot_of = torch.full((self.n,), -1, dtype=torch.long, device=self.device)
-        slot_of[keys] = slots
+        rows, gamma, error, keep_w, w, index = (v[go] for v in (rows, gamma, error, keep_w, w, index))
         cx, nc, cx_max, nc_max = self._wide_scalars()
-        norms = self.key_norms.to(WIDE)
+        # g_0 <x', x^(i)>: screened rows kept theirs, rows of the full pass recover them from
+        # their streamed logits.
         inner = torch.empty(rows.numel(), self.n, dtype=WIDE, device=self.device)
-        for k, r in enumerate(rows.tolist()):
-            if int(tr.inner_pos[r]) >= 0:
-                prev = tr.inner[int(tr.inner_pos[r])]
-            else:
-                t0 = tr.t[r]
-                streamed = tr.logits[int(tr.logit_pos[r])].to(WIDE)
-                prev = (streamed + tr.a[r] * norms).mul_(self._sigma(t0) ** 2 / t0).add_(t0 * cx)
-            sel = keep_w[k]
-            pm = w[k, sel] @ self._gram[slot_of[index[k, sel]]].to(WIDE) if bool(sel.any()) else 0.0
-            inner[k] = gamma[k, 0] * prev + gamma[k, 1] * pm
+        pos = tr.inner_pos[rows]
+        own = pos >= 0
+        if bool(own.any()):
+            inner[own] = tr.inner[pos[own]]
+        if not bool(own.all()):
+            r = rows[~own]
+            t0 = tr.t[r][:, None]
+            inner[~own] = ((tr.logits[tr.logit_pos[r]].to(WIDE) + tr.a[r][:, None] * self.key_norms.to(WIDE))
+                            .mul_(self._sigma(t0).square() / t0).add_(t0 * cx))
+        inner.mul_(gamma[:, :1])
+        # + g_1 <m', x^(i)>
+        if direct:
+            # m' rounded to the compute dtype: within (ERROR_FACTOR + 1) eps max||x^(i)|| ||m'||,
+            # inside e_mean's bound since ||m'|| <= max ||x^(i)||.
+            inner.add_((self.support @ tr.mean[rows].to(self.dtype).T).T.to(WIDE).mul_(gamma[:, 1:]))
+        else:
+            # sum_k g_1 w'_k <x^(k), x^(i)> as (h, u) weights on the u cached columns, in blocks.
+            keys = torch.unique(index[keep_w])
+            slots = self._gram_slots(keys) if keys.numel() else keys
+            weights = torch.zeros(rows.numel(), keys.numel(), dtype=WIDE, device=self.device)
+            r, k = keep_w.nonzero(as_tuple=True)
+            weights.index_put_((r, torch.searchsorted(keys, index[r, k])), gamma[r, 1] * w[r, k],
+                               accumulate=True)
+            step = chunk_rows(WIDE_BYTES, self.n * 8)
+            for s in range(0, keys.numel(), step):
+                inner.addmm_(weights[:, s:s + step], self._gram[slots[s:s + step]].to(WIDE))
         # l~_i = f (<x, x^(i)> - t <c, x^(i)>) - a ||x^(i) - c||^2, each within f E (+ float64 rounding)
         fr, ar, tr_ = f[rows], a_w[rows], tt[rows]
         logits = (inner - tr_[:, None] * cx).mul_(fr[:, None]).sub_(ar[:, None] * nc)
@@ -461,7 +533,7 @@ class EmpiricalField:
         carried screen reaches from their candidates, the others by :meth:`_solve`; leaves the
         trail for the next call."""
         B = xf.shape[0]
-        if not (self.screen and self._carries and B and self.n > 1):
+        if not (self.screen and self._local and B and self.n > 1):
             acc, exact = self._solve(xf, tt, a, b)
             return acc.mean, exact
         xw = xf.to(WIDE)

@@ -240,6 +240,68 @@ def test_chunk_invariance(dtype, tol):
     assert worst_rel(small.velocity(x, t), base["velocity"]) <= tol
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_collapsed_rows_skip_the_value_product(monkeypatch, dtype, tol):
+    """In one block the rows whose weight sits on their candidates are found before the second
+    product and left out of it; the batch still matches the reference, collapsed rows and spread
+    rows alike, for every output."""
+    import nwflow.empirical as empirical
+
+    X64, centres = mixture(900, 8, 1.0, seed=5)
+    x64, tt = queries(X64, centres, [0.0, 0.1, 0.999], 0.0, per_t=3)
+    X, x, t = X64.to(dtype), x64.to(dtype), tt  # t in float64: its fp32 rounding moves sigma_t near 1
+    summed = []
+    real = empirical.online_softmax
+
+    def counting(blocks, **kw):
+        blocks = list(blocks)
+        summed.extend(b.logits.shape[0] for b in blocks if b.values is not None)
+        return real(blocks, **kw)
+
+    monkeypatch.setattr(empirical, "online_softmax", counting)
+    field = EmpiricalField(X)
+    ref = reference(x, tt, X, 0.0)  # of the inputs as the field sees them (rounded to dtype)
+    assert worst_rel(field.velocity(x, t), ref["u"]) <= tol
+    late = int((tt == 0.999).sum())  # collapsed: covered by their candidates
+    assert summed == [x.shape[0] - late]
+    assert worst_rel(field.posterior_mean(x, t), ref["m"]) <= tol
+    neff = field.effective_neighbours(x, t).double()
+    assert float(((neff - ref["neff"]).abs() / ref["neff"]).max()) <= tol
+    assert bool((neff[tt == 0.999] < 1.01).all())
+
+
+@pytest.mark.parametrize("dtype,tol,times", [(torch.float32, 1e-5, [0.7, 0.75]),
+                                             (torch.float64, 1e-12, [0.75, 0.8])])
+def test_value_product_runs_over_the_kept_keys(monkeypatch, dtype, tol, times):
+    """Rows whose weight sits on one cluster (more points than the candidates) are summed over
+    the keys within the covering margin of some row, in gathered blocks, and still match the
+    reference; without the restriction (all keys kept) the answer is the same."""
+    import nwflow.empirical as empirical
+
+    X64, centres = mixture(900, 8, 0.0, seed=6)
+    # Some rows covered, some not; float64's margin log(1/eps) is wider: later times.
+    x64, tt = queries(X64, centres, times, 0.0, per_t=1)
+    X, x = X64.to(dtype), x64.to(dtype)
+    keys_summed = []
+    real = empirical.online_softmax
+
+    def counting(blocks, **kw):
+        blocks = list(blocks)
+        keys_summed.append(sum(b.values.shape[0] for b in blocks if b.values is not None))
+        return real(blocks, **kw)
+
+    monkeypatch.setattr(empirical, "online_softmax", counting)
+    monkeypatch.setattr(empirical, "WIDE_BYTES", 40 * 8 * X.element_size())  # gathered 40 rows at a time
+    ref = reference(x, tt, X, 0.0)
+    u = EmpiricalField(X).velocity(x, tt)
+    assert worst_rel(u, ref["u"]) <= tol
+    # The first pass is the restricted one (an fp32 row may then take the float64 pass).
+    assert 64 < keys_summed[0] <= 0.25 * len(X)
+    keys_summed.clear()
+    monkeypatch.setattr(empirical, "_SPARSE_FRACTION", 0.0)  # the whole support instead
+    assert worst_rel(EmpiricalField(X).velocity(x, tt), u) <= tol and keys_summed[0] == len(X)
+
+
 def test_chunked_log_sum_exp_is_not_a_sum_of_chunk_lse():
     """The known bug (adding per-chunk log-sum-exps) gives wrong weights; the streamed
     result is the reference one."""
