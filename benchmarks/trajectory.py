@@ -90,8 +90,7 @@ def run_batch(X: torch.Tensor, B: int, args: argparse.Namespace) -> dict:
                     ref = exact.velocity(x.double(), t)
                     err = float(((u.double() - ref).norm(dim=1) / ref.norm(dim=1)).max())
                     errors.append({"step": k, "t": t, "method": name, "max_rel_error": err})
-            trail = field._trail
-            step["screened_rows"] = 0 if trail is None else int((trail.inner_pos >= 0).sum())
+            step["screened_rows"] = field.screened_rows
             step["median_n_eff"] = float(full.effective_neighbours(x, t).median())
             steps.append(step)
             x = x + (t_next - t) * u_field

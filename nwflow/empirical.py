@@ -219,6 +219,12 @@ class EmpiricalField:
         return center, norms
 
     @property
+    def screened_rows(self) -> int:
+        """How many rows of the last call the carried screen answered (0 before any call, and
+        always with ``screen=False``)."""
+        return 0 if self._trail is None else int((self._trail.inner_pos >= 0).sum())
+
+    @property
     def n(self) -> int:
         """Number of support points (the whole support's: a sharded field's spans its ranks)."""
         return len(self.support)
