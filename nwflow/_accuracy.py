@@ -32,8 +32,9 @@ import torch
 from nwflow._precision import WIDE
 
 __all__ = ["CANDIDATES", "FALLBACK_TOL", "OBSERVED", "OBSERVED_SAFETY", "SCREEN_MAX", "CARRY_SLACK",
+           "REFINE_MAX",
            "logit_error_bound", "tracks_candidates", "covered", "refine", "observed_error", "relative_error",
-           "span_fit", "screen_margin", "screened", "kept_keys"]
+           "span_fit", "screen_margin", "screened", "kept"]
 
 # Candidates per row kept for the exact refinement.
 CANDIDATES = 64
@@ -52,6 +53,9 @@ OBSERVED_SAFETY = 8.0
 # keep (more: the full pass), and the largest logit slack a carried row may have.
 SCREEN_MAX = 128
 CARRY_SLACK = 64.0
+# A float32 row that fails the accuracy test but keeps at most this many keys under the covering
+# margin is redone from them in float64 (a float64 pass over the whole support otherwise).
+REFINE_MAX = 2048
 
 
 def logit_error_bound(q: torch.Tensor, a: torch.Tensor, eps: float, raw_max: float,
@@ -177,11 +181,11 @@ def screened(logits: torch.Tensor, slack: torch.Tensor, n: int, eps: float) -> t
     return (logits >= (best - screen_margin(slack, n, eps))[:, None]).sum(dim=1)
 
 
-def kept_keys(logits: torch.Tensor, slack: torch.Tensor, n: int, eps: float) -> torch.Tensor:
-    """The keys any row keeps under :func:`screen_margin`, (u,) ascending indices into the
-    columns of ``logits`` (r, n), each within ``slack`` (r,) of the exact logit: summing over
-    them alone leaves out less than eps e^-2 of every row's weight. Chapter 3."""
+def kept(logits: torch.Tensor, slack: torch.Tensor, n: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """What each row keeps under :func:`screen_margin`: how many keys (r,), and the keys any row
+    keeps (u,), ascending indices into the columns of ``logits`` (r, n), each within ``slack``
+    (r,) of the exact logit. Summing over those keys alone leaves out less than eps e^-2 of every
+    row's weight. Chapter 3."""
     best = logits.amax(dim=1).to(WIDE)
-    floor = (best - screen_margin(slack, n, eps)).to(logits.dtype)
-    return (logits >= floor[:, None]).any(dim=0).nonzero().squeeze(1)
-
+    mask = logits >= (best - screen_margin(slack, n, eps)).to(logits.dtype)[:, None]
+    return mask.sum(dim=1), mask.any(dim=0).nonzero().squeeze(1)

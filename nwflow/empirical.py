@@ -200,6 +200,7 @@ class EmpiricalField:
         self._trail: _Trail | None = None
         self._scalars: tuple[torch.Tensor, torch.Tensor, float, float] | None = None
         self._gram: torch.Tensor | None = None
+        self._mean: torch.Tensor | None = None  # the support's mean in float64 (t = 0), on first use
         self._slots: dict[int, int] = {}
 
     def _centre(self) -> torch.Tensor:
@@ -323,9 +324,24 @@ class EmpiricalField:
         return _accuracy.observed_error(acc.top_logits[rows, :top.shape[1]], xf[rows].to(WIDE), tt[rows],
                                         self._gather(top), self._center_wide, self._sigma(tt[rows]))
 
+    def _uniform(self, batch: int, neff: bool) -> tuple[Accumulated, list[_Exact]]:
+        """A batch at t = 0 (where every sampling run starts): the weights are uniform, so the
+        mean is the support's mean (computed once, in float64) and n_eff = n; no pass."""
+        if self._mean is None:
+            rows = chunk_rows(WIDE_BYTES, self.support.shape[1] * 8)
+            self._mean = sum(self.support[s:s + rows].to(WIDE).sum(dim=0)
+                             for s in range(0, self.n, rows)) / self.n
+        ones = torch.ones(batch, dtype=self.dtype, device=self.device)
+        acc = Accumulated(row_max=torch.zeros_like(ones), total=ones,
+                          mean=None if neff else torch.zeros(batch, self.support.shape[1], dtype=self.dtype,
+                                                             device=self.device),
+                          square=ones / self.n if neff else None)
+        return acc, [_Exact(torch.arange(batch, device=self.device), self._mean.expand(batch, -1),
+                            torch.full((batch,), float(self.n), dtype=WIDE, device=self.device))]
+
     def _covered_first(self, q: torch.Tensor, a: torch.Tensor, error: torch.Tensor, neff: bool,
                        spread: bool, record: torch.Tensor | None
-                       ) -> tuple[Accumulated, torch.Tensor, torch.Tensor]:
+                       ) -> tuple[Accumulated, torch.Tensor, torch.Tensor, tuple | None]:
         """The pass of :meth:`_solve` when the (B, n) logits fit in one block: the covered rows
         are found from the logits first, and only the others are summed against the support.
 
@@ -333,10 +349,13 @@ class EmpiricalField:
         skipping them saves the second matrix product (half the pass) for every row whose weight
         has collapsed. Their entries of the returned sums are placeholders (mean 0, n_eff 1).
         The other rows are summed over the keys that some row keeps under the covering margin
-        (:func:`nwflow._accuracy.kept_keys`: what is left out weighs less than eps e^-2 in every
+        (:func:`nwflow._accuracy.kept`: what is left out weighs less than eps e^-2 in every
         row, below the fp32 rounding of the rest) when those are at most ``_SPARSE_FRACTION``
         of the support: as the posterior concentrates, the second product shrinks with it.
-        Returns the pass, the covered rows (B,) and how many candidates each needs (B,).
+        Returns the pass, the covered rows (B,), how many candidates each needs (B,), and for the
+        other rows that keep at most ``REFINE_MAX`` keys (with ``spread``: the float32 results
+        whose accuracy is tested) those rows (r,) and their kept keys (r, k): a row that fails the
+        test is redone from them in float64 instead of by a float64 pass over the support.
         """
         logits = self._logits(q, a, self.support, self.key_norms)
         if record is not None:
@@ -349,10 +368,16 @@ class EmpiricalField:
                           mean=None if neff else logits.new_zeros(B, D),
                           square=logits.new_ones(B) if neff else None,
                           scalar=logits.new_zeros(B) if spread else None, top_logits=top, top_index=index)
+        few = None
         if open_.numel():
             whole = open_.numel() == B
             rows = logits if whole else logits[open_]
-            keys = None if neff else _accuracy.kept_keys(rows, error[open_], self.n, self._eps)
+            keys = None
+            if not neff:  # before the pass below overwrites the logits
+                count, keys = _accuracy.kept(rows, error[open_], self.n, self._eps)
+                small = (count <= _accuracy.REFINE_MAX).nonzero().squeeze(1) if spread else count[:0]
+                if small.numel():
+                    few = (open_[small], torch.topk(rows[small], int(count[small].max()), dim=1).indices)
             if keys is not None and keys.numel() <= self.n * _SPARSE_FRACTION:
                 blocks = self._kept_blocks(rows, keys, spread)
             else:
@@ -366,7 +391,7 @@ class EmpiricalField:
                         setattr(acc, name, value)
                     else:
                         getattr(acc, name)[open_] = value
-        return acc, covered, inside
+        return acc, covered, inside, few
 
     def _kept_blocks(self, logits: torch.Tensor, keys: torch.Tensor, spread: bool) -> Iterator[Block]:
         """The (r, n) ``logits`` and the support restricted to ``keys`` (u,), gathered in blocks of
@@ -382,16 +407,18 @@ class EmpiricalField:
         """The streamed pass plus the rows recomputed in float64: for y = (a m - b x) / c when
         ``a`` and ``b`` are given, for n_eff otherwise (which decides the accuracy test);
         ``record`` receives the streamed logits."""
+        neff = a is None
+        if self._local and xf.shape[0] and bool((tt == 0).all()):
+            return self._uniform(xf.shape[0], neff)
         q, a_q = self._scaled_query(xf, tt, self.dtype)
         error = _accuracy.logit_error_bound(q, a_q, self._eps, self._raw_max, self._centred_max2)
-        neff = a is None
         # Candidates are tracked once logits can be off by more than a few eps; the fallback test
         # runs on every fp32 result (its cost: one matrix-vector product).
         track = bool(_accuracy.tracks_candidates(error, self._eps).any())
         check = self.dtype != WIDE and (not neff or track)
-        exact, covered = [], torch.zeros_like(error, dtype=torch.bool)
+        exact, covered, few = [], torch.zeros_like(error, dtype=torch.bool), None
         if track and self._local and q.shape[0] and self._chunk(q.shape[0]) >= self.n:
-            acc, covered, inside = self._covered_first(q, a_q, error, neff, check and not neff, record)
+            acc, covered, inside, few = self._covered_first(q, a_q, error, neff, check and not neff, record)
         else:
             blocks = self._blocks(q, a_q, values=not neff, spread=check and not neff, record=record)
             acc = self._combine(online_softmax(blocks, squares=neff,
@@ -418,6 +445,12 @@ class EmpiricalField:
                 observed = _accuracy.OBSERVED_SAFETY * self._observed_error(xf, tt, rows, acc)
                 error[rows] = torch.minimum(error[rows], observed)
                 rows = too_large(error)
+            if rows.numel() and few is not None:
+                # Rows that keep few keys: those, weighed again in float64 (eq. of covered()).
+                hit = torch.isin(few[0], rows)
+                if bool(hit.any()):
+                    exact.append(self._from_candidates(xf, tt, few[0][hit], few[1][hit]))
+                    rows = rows[~torch.isin(rows, few[0][hit])]
             if rows.numel():
                 exact.append(self._wide_pass(xf, tt, rows))
         return acc, exact

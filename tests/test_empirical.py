@@ -302,6 +302,38 @@ def test_value_product_runs_over_the_kept_keys(monkeypatch, dtype, tol, times):
     assert worst_rel(EmpiricalField(X).velocity(x, tt), u) <= tol and keys_summed[0] == len(X)
 
 
+def test_rows_failing_the_test_with_few_keys_are_refined_not_redone(monkeypatch):
+    """A float32 row that fails the accuracy test is redone in float64 from the keys it keeps
+    under the covering margin when those are few, by a float64 pass over the support otherwise;
+    either way it matches the reference."""
+    import nwflow.empirical as empirical
+    from nwflow import _accuracy
+
+    X64, centres = mixture(900, 8, 1.0, seed=7)
+    x64, tt = queries(X64, centres, [0.0, 0.6, 0.75], 0.0, per_t=2)
+    X, x = X64.float(), x64.float()
+    monkeypatch.setattr(_accuracy, "FALLBACK_TOL", 0.0)  # every row not covered fails the test
+    monkeypatch.setattr(_accuracy, "REFINE_MAX", 300)
+    passes = []
+    real = empirical.EmpiricalField._wide_pass
+
+    def counting(self, xf, t, rows):
+        passes.append(rows.clone())
+        return real(self, xf, t, rows)
+
+    monkeypatch.setattr(empirical.EmpiricalField, "_wide_pass", counting)
+    field = EmpiricalField(X)
+    ref = reference(x, tt, X, 0.0)
+    assert worst_rel(field.velocity(x, tt), ref["u"]) <= 1e-5
+    redone = torch.cat(passes) if passes else torch.empty(0, dtype=torch.long)
+    q, a = field._scaled_query(*field._query(x, tt), field.dtype)
+    error = _accuracy.logit_error_bound(q, a, field._eps, field._raw_max, field._centred_max2)
+    kept = _accuracy.screened(field._logits(q, a, field.support, field.key_norms), error, field.n, field._eps)
+    many = (kept > 300).nonzero().squeeze(1)
+    assert many.numel() and set(redone.tolist()) == set(many.tolist())  # t = 0 rows keep all 900
+    assert int(((kept > 64) & (kept <= 300)).sum()) > 0  # and some rows were refined from their keys
+
+
 def test_chunked_log_sum_exp_is_not_a_sum_of_chunk_lse():
     """The known bug (adding per-chunk log-sum-exps) gives wrong weights; the streamed
     result is the reference one."""
@@ -324,6 +356,22 @@ def test_t_zero_is_the_data_mean():
     torch.testing.assert_close(nwflow.velocity(x, 0.0, X), X.mean(0) - x, rtol=1e-13, atol=1e-13)
     torch.testing.assert_close(nwflow.effective_neighbours(x, 0.0, X), torch.full((7,), 50.0,
                                                                                  dtype=torch.float64))
+
+
+def test_a_batch_at_t_zero_takes_no_pass(monkeypatch):
+    """At t = 0 the weights are uniform: the mean is the support's float64 mean, rounded once."""
+    import nwflow.empirical as empirical
+
+    g = torch.Generator().manual_seed(8)
+    X = (torch.randn(3001, 5, generator=g, dtype=torch.float64) + 1e3).float()
+    x = torch.randn(4, 5, generator=g)
+    monkeypatch.setattr(empirical, "online_softmax", None)  # any pass would fail
+    field = EmpiricalField(X)
+    mean = X.double().mean(0)
+    assert torch.equal(field.posterior_mean(x, 0.0), mean.float().expand(4, 5))
+    torch.testing.assert_close(field.velocity(x, torch.zeros(4)).double(), mean - x.double(), rtol=1e-7,
+                               atol=1e-4)
+    assert torch.equal(field.effective_neighbours(x, 0.0), torch.full((4,), 3001.0))
 
 
 def test_t_to_one_is_the_nearest_neighbour():
