@@ -41,6 +41,8 @@ def test_quick_run_writes_json(tmp_path):
             assert r["cpu_time_s"][m]["median"] >= 0
             # every method computes the same velocity (fp32 rounding apart)
             assert r["max_rel_diff_vs_two_gemm"][m] < 1e-3
+        errors = r["max_rel_error_vs_float64"]
+        assert errors["field"] < 1e-5 and errors["nwflow"] < 1e-5
         assert set(r["ratios"]) == set(r["cpu_time_ratios"]) == set(record["ratio_definitions"])
         assert r["ratios"]["field/two_gemm_pre"] == pytest.approx(
             r["time_s"]["field"]["median"] / r["time_s"]["two_gemm_pre"]["median"])
