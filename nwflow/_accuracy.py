@@ -174,11 +174,16 @@ def screen_margin(slack: torch.Tensor, n: int, eps: float) -> torch.Tensor:
     return 2.0 * slack + math.log(n) + math.log(1.0 / eps) + 2.0
 
 
+def _kept_mask(logits: torch.Tensor, slack: torch.Tensor, n: int, eps: float) -> torch.Tensor:
+    """(r, n): which keys each row keeps under :func:`screen_margin`."""
+    best = logits.amax(dim=1).to(WIDE)
+    return logits >= (best - screen_margin(slack, n, eps)).to(logits.dtype)[:, None]
+
+
 def screened(logits: torch.Tensor, slack: torch.Tensor, n: int, eps: float) -> torch.Tensor:
     """Keys each row keeps under :func:`screen_margin`, (r,): ``logits`` (r, n) approximate
     logits, each within ``slack`` (r,) of the exact one. Part III, performance."""
-    best = logits.amax(dim=1)
-    return (logits >= (best - screen_margin(slack, n, eps))[:, None]).sum(dim=1)
+    return _kept_mask(logits, slack, n, eps).sum(dim=1)
 
 
 def kept(logits: torch.Tensor, slack: torch.Tensor, n: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,6 +191,5 @@ def kept(logits: torch.Tensor, slack: torch.Tensor, n: int, eps: float) -> tuple
     keeps (u,), ascending indices into the columns of ``logits`` (r, n), each within ``slack``
     (r,) of the exact logit. Summing over those keys alone leaves out less than eps e^-2 of every
     row's weight. Chapter 3."""
-    best = logits.amax(dim=1).to(WIDE)
-    mask = logits >= (best - screen_margin(slack, n, eps)).to(logits.dtype)[:, None]
+    mask = _kept_mask(logits, slack, n, eps)
     return mask.sum(dim=1), mask.any(dim=0).nonzero().squeeze(1)
