@@ -19,7 +19,8 @@ u(x, t | S) of chapter 5 on real images:
   1/sqrt(explained-variance ratio). n_eff at t = 0.56 of m = 50 points of one class.
 - ``scarcity``: support scarcity in d = ``scarcity_dim``: for m in ``support_sizes`` support
   points of a class (validation images), samples of the plug-in field and of chapter 5's
-  learned conditioner (:class:`nwflow.conditioner.SupportConditionedVelocity`, trained here by
+  learned conditioner (:class:`nwflow.conditioner.SupportConditionedVelocity`, with its exact head
+  unless ``exact_head`` is False; the paper's Figure 3 shows the model without it; trained here by
   flow matching on feature tasks: a task is one class of the training features, m drawn from
   ``support_sizes`` at each step), MMD^2 to the class's other validation features, and the
   plug-in/learned ratio of mean MMD^2 (above 1: learned better), per variant.
@@ -84,7 +85,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                 dinov2=True),
 }
 COMMON: dict[str, Any] = dict(sigma_min=0.01, seed=0, neff_t=0.56, neff_m=50, scarcity_dim=16, heads=4,
-                              layers=2, lr=1e-3, net_lr=2e-3, net_batch=128)
+                              layers=2, lr=1e-3, net_lr=2e-3, net_batch=128, exact_head=True)
 
 
 def preset(name: str, **overrides: Any) -> dict[str, Any]:
@@ -346,9 +347,10 @@ def train_feature_conditioner(Z: torch.Tensor, labels: torch.Tensor, config: dic
 
     torch.manual_seed(config["seed"])
     model = SupportConditionedVelocity(d, width=config["cond_width"], heads=config["heads"],
-                                       layers=config["layers"], exact_head=True, sigma_min=sm).to(device)
+                                       layers=config["layers"], exact_head=config["exact_head"],
+                                       sigma_min=sm).to(device)
     run_config = {k: config[k] for k in ("seed", "cond_width", "heads", "layers", "lr", "cond_tasks",
-                                         "query_size", "support_sizes", "sigma_min")}
+                                         "query_size", "support_sizes", "sigma_min", "exact_head")}
     run_config["data"] = [list(Z.shape), float(Z.double().sum())]
     hist = train_velocity(PackedTasks(model), batch_fn, config["cond_steps"], lr=config["lr"],
                           seed=config["seed"], checkpoint=checkpoint, config=run_config, progress=progress,
