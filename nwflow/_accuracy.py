@@ -34,7 +34,7 @@ from nwflow._precision import WIDE
 __all__ = ["CANDIDATES", "FALLBACK_TOL", "OBSERVED", "OBSERVED_SAFETY", "SCREEN_MAX", "CARRY_SLACK",
            "REFINE_MAX",
            "logit_error_bound", "tracks_candidates", "covered", "refine", "observed_error", "relative_error",
-           "span_fit", "screen_margin", "screened", "kept"]
+           "span_fit", "screen_margin", "screened", "kept", "tail_cut", "exact_logits", "top_corrected"]
 
 # Candidates per row kept for the exact refinement.
 CANDIDATES = 64
@@ -105,9 +105,9 @@ def refine(x: torch.Tensor, t: torch.Tensor, candidates: torch.Tensor, sigma_t: 
     return torch.bmm(w[:, None, :], candidates)[:, 0], 1.0 / w.square().sum(dim=1), w
 
 
-def observed_error(logits: torch.Tensor, x: torch.Tensor, t: torch.Tensor, candidates: torch.Tensor,
-                   center: torch.Tensor, sigma_t: torch.Tensor) -> torch.Tensor:
-    r"""Largest rounding error of streamed logits against the same logits in float64, (r,).
+def exact_logits(x: torch.Tensor, t: torch.Tensor, candidates: torch.Tensor, center: torch.Tensor,
+                 sigma_t: torch.Tensor) -> torch.Tensor:
+    r"""The streamed logits of candidate keys, recomputed in float64 with explicit differences, (r, k).
 
     The streamed logits are l_k = (t <y, x^(k)> - t^2 ||x^(k) - c||^2 / 2) / sigma_t^2 with
     y = x - t c, that is, written with explicit differences,
@@ -117,14 +117,47 @@ def observed_error(logits: torch.Tensor, x: torch.Tensor, t: torch.Tensor, candi
         l_k = \frac{\|y\|^2 - \|y - t (x^{(k)} - c)\|^2}{2 \sigma_t^2}
             + \frac{t \langle y, c\rangle}{\sigma_t^2}.
 
-    Shapes: ``logits`` (r, k) as streamed, ``x`` (r, D), ``t`` and ``sigma_t`` (r,),
-    ``candidates`` (r, k, D), ``center`` (D,), float64. Chapter 3.
+    Shapes: ``x`` (r, D), ``t`` and ``sigma_t`` (r,), ``candidates`` (r, k, D), ``center``
+    (D,), float64. Chapter 3.
     """
     y = x - t[:, None] * center
     z2 = (y[:, None, :] - t[:, None, None] * (candidates - center)).square_().sum(dim=2)
     shift = y.square().sum(dim=1) + 2.0 * t * (y @ center)
-    exact = (shift[:, None] - z2) / (2.0 * sigma_t.square()[:, None])
+    return (shift[:, None] - z2) / (2.0 * sigma_t.square()[:, None])
+
+
+def observed_error(logits: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+    """Largest rounding error of streamed ``logits`` (r, k) against :func:`exact_logits` (r, k), (r,)."""
     return (logits.to(WIDE) - exact).abs().amax(dim=1)
+
+
+def top_corrected(total: torch.Tensor, mean: torch.Tensor, row_max: torch.Tensor, top: torch.Tensor,
+                  exact: torch.Tensor, candidates: torch.Tensor, slack: torch.Tensor, eps: float
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""A streamed row's mean with its K largest terms weighed exactly, and a bound on the weight
+    of the terms left as streamed, (r, D) and (r,).
+
+    .. math::
+
+        \Delta_k = e^{l_k - M} - e^{\tilde l_k - M}, \qquad
+        m = \frac{Z \tilde m + \sum_k \Delta_k x^{(k)}}{Z + \sum_k \Delta_k}, \qquad
+        W_{\rm tail} \le \frac{e^{s} (Z - \sum_k e^{\tilde l_k - M} + 4 \epsilon Z)}{\sum_k e^{l_k - M}}
+
+    with Z, M and m~ the pass's normaliser, maximum and mean, l~_k its logits of the candidates
+    and l_k the exact ones (:func:`exact_logits`). Only the tail's logits are still off by up to
+    s, so the mean's first-order error sum_j w_j delta_j (x^(j) - m) shrinks from
+    s sd_w to s sqrt(W_tail) sd_w (Cauchy-Schwarz over the tail): a row whose weight sits on a few
+    points but whose tail is long needs no float64 pass. Shapes: ``total``, ``row_max``, ``slack``
+    (r,); ``mean`` (r, D); ``top``, ``exact`` (r, K); ``candidates`` (r, K, D); float64. Part III,
+    performance.
+    """
+    streamed = torch.exp(top - row_max[:, None])
+    weighed = torch.exp(exact - row_max[:, None])
+    delta = weighed - streamed
+    corrected = (total[:, None] * mean + torch.bmm(delta[:, None, :], candidates)[:, 0]) / (
+        total + delta.sum(dim=1))[:, None]
+    rest = (total - streamed.sum(dim=1) + ERROR_FACTOR * eps * total).clamp_min(0.0)
+    return corrected, (torch.exp(slack) * rest / weighed.sum(dim=1)).clamp_max(1.0)
 
 
 def relative_error(error: torch.Tensor, eps: float, m: torch.Tensor, x: torch.Tensor, spread: torch.Tensor,
@@ -193,3 +226,46 @@ def kept(logits: torch.Tensor, slack: torch.Tensor, n: int, eps: float) -> tuple
     row's weight. Chapter 3."""
     mask = _kept_mask(logits, slack, n, eps)
     return mask.sum(dim=1), mask.any(dim=0).nonzero().squeeze(1)
+
+
+def tail_cut(logits: torch.Tensor, slack: torch.Tensor, eps: float) -> torch.Tensor:
+    r"""Which keys each row must keep so that the others provably weigh less than eps e^-2, (r, n).
+
+    .. math:: |\tilde l_j - l_j| \le s, \quad
+        4 e^{2s} \sum_{k \notin K} e^{\tilde l_k} \le \epsilon e^{-2} \sum_j e^{\tilde l_j}
+        \;\Rightarrow\; \sum_{k \notin K} w_k < \epsilon e^{-2}
+
+    The a-posteriori form of :func:`screen_margin`, which assumes that all n keys sit at the
+    cut: here the weight actually below each candidate cut is summed, so a row whose logits fall
+    off fast keeps far fewer keys (at t = 0.1 on 20,000 Gaussian points in 3,072 dimensions, a
+    median of about 300 instead of 820). Cuts are whole nats below the row's maximum: the keys
+    are binned by floor(max - l) (the last bin, log 64 below the margin, takes every key below
+    it, each counted at the bin's upper edge), and K
+    is the keys above the first bin from which the weight down to the end fits the allowance
+    (every key when none fits). The factor 4 covers the float32 rounding of the weights and of
+    their sums (each within a factor 2 while n eps < 1/2; larger supports are summed in float64).
+    Shapes: ``logits`` (r, n),
+    ``slack`` s (r,). Part III, performance.
+    """
+    r, n = logits.shape
+    # The last bin starts far enough down that its keys, counted at its upper edge, leave 15/16
+    # of the allowance (the total is at least the largest key's e^0 = 1).
+    last = int(math.ceil(float(screen_margin(slack.max(), n, eps)) + math.log(64.0)))
+    # Work along whichever axis is contiguous: the engine's logits are a transposed (n, r) block.
+    keys = 0 if not logits.is_contiguous() and logits.T.is_contiguous() else 1
+    lay = logits.T if keys == 0 else logits
+    gaps = (lay.amax(dim=keys, keepdim=True) - lay).clamp_(max=last)
+    bins = gaps.to(torch.int64)                     # truncation is the floor: gaps >= 0
+    # In place (the gaps are not needed again); the clamp keeps exp away from denormals and
+    # counts each key of the last bin at e^-last, above its weight.
+    weights = gaps.neg_().exp_()
+    if n * torch.finfo(weights.dtype).eps > 0.5:
+        weights = weights.to(WIDE)
+    shape = (last + 1, r) if keys == 0 else (r, last + 1)
+    mass = weights.new_zeros(shape).scatter_add_(keys, bins, weights).to(WIDE)
+    mass = mass.T if keys == 0 else mass                # (r, last + 1)
+    below = mass.flip(1).cumsum(1).flip(1)          # the weight in bins >= b
+    allowed = eps * math.exp(-2.0) * mass[:, :last].sum(dim=1) / (4.0 * torch.exp(2.0 * slack.to(WIDE)))
+    fits = below <= allowed[:, None]
+    cut = torch.where(fits.any(dim=1), fits.to(torch.int8).argmax(dim=1), last + 1)
+    return (bins < cut[None, :]).T if keys == 0 else bins < cut[:, None]

@@ -65,6 +65,9 @@ _CACHE_BYTES = 4 * 2**20
 # The second product runs over the kept keys alone when they are at most this share of the
 # support (gathering them costs about three reads of their rows).
 _SPARSE_FRACTION = 0.25
+# A row that keeps at most n / this many keys is summed over them alone, gathered: a gathered
+# key costs about 30 times its share of the (B, n) x (n, D) product (measured on 2 CPU cores).
+_GATHER_DIVISOR = 32
 # The carried screen is on by default for supports of at least this many numbers (n D): below
 # it a full pass costs little more than the screen's bookkeeping.
 SCREEN_FROM = 2**22
@@ -78,7 +81,7 @@ class _Exact:
 
     rows: torch.Tensor                   # (r,) row indices into the batch
     mean: torch.Tensor                   # (r, D)
-    neff: torch.Tensor                   # (r,)
+    neff: torch.Tensor | None            # (r,); None where only the mean was asked for
     index: torch.Tensor | None = None    # (r, k) candidate support indices
     weights: torch.Tensor | None = None  # (r, k) their exact weights; the rest are below eps
 
@@ -323,12 +326,15 @@ class EmpiricalField:
         acc = self._combine(online_softmax(self._wide_blocks(q, a), squares=True))
         return _Exact(rows, acc.mean, 1.0 / acc.square)
 
-    def _observed_error(self, xf: torch.Tensor, tt: torch.Tensor, rows: torch.Tensor,
-                        acc: Accumulated) -> torch.Tensor:
-        """Largest rounding error of the streamed logits of ``rows`` on their top candidates (r,)."""
-        top = acc.top_index[rows, :_accuracy.OBSERVED]
-        return _accuracy.observed_error(acc.top_logits[rows, :top.shape[1]], xf[rows].to(WIDE), tt[rows],
-                                        self._gather(top), self._center_wide, self._sigma(tt[rows]))
+    def _top_candidates(self, xf: torch.Tensor, tt: torch.Tensor, rows: torch.Tensor, acc: Accumulated,
+                        k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The streamed logits of the ``k`` largest candidates of ``rows`` (r, k), the same in
+        float64 (r, k), and the candidates (r, k, D) float64."""
+        top = acc.top_index[rows, :k]
+        candidates = self._gather(top)
+        exact = _accuracy.exact_logits(xf[rows].to(WIDE), tt[rows], candidates, self._center_wide,
+                                       self._sigma(tt[rows]))
+        return acc.top_logits[rows, :top.shape[1]].to(WIDE), exact, candidates
 
     def _uniform(self, batch: int, neff: bool) -> tuple[Accumulated, list[_Exact]]:
         """A batch at t = 0 (where every sampling run starts): the weights are uniform, so the
@@ -354,50 +360,68 @@ class EmpiricalField:
         A covered row is redone from its candidates, so its streamed sums would be thrown away:
         skipping them saves the second matrix product (half the pass) for every row whose weight
         has collapsed. Their entries of the returned sums are placeholders (mean 0, n_eff 1).
-        The other rows are summed over the keys that some row keeps under the covering margin
-        (:func:`nwflow._accuracy.kept`: what is left out weighs less than eps e^-2 in every
-        row, below the fp32 rounding of the rest) when those are at most ``_SPARSE_FRACTION``
-        of the support: as the posterior concentrates, the second product shrinks with it.
+        For the mean, every other row keeps only the keys that :func:`nwflow._accuracy.tail_cut`
+        proves it needs (what is left out weighs less than eps e^-2 of the row, below the fp32
+        rounding of the rest): a row that keeps at most ``CANDIDATES`` is covered too; one that
+        keeps at most n / ``_GATHER_DIVISOR`` is summed over its own keys, gathered (cheaper than
+        its share of the matrix product); the rest share one product over the keys any of them
+        keeps, gathered in blocks when those are at most ``_SPARSE_FRACTION`` of the support.
         Returns the pass, the covered rows (B,), how many candidates each needs (B,), and for the
-        other rows that keep at most ``REFINE_MAX`` keys (with ``spread``: the float32 results
-        whose accuracy is tested) those rows (r,) and their kept keys (r, k): a row that fails the
-        test is redone from them in float64 instead of by a float64 pass over the support.
+        rows that keep at most ``REFINE_MAX`` keys (with ``spread``: the float32 results whose
+        accuracy is tested) those rows (r,) and which keys they keep (r, n): a row that fails
+        the test is redone from them in float64 instead of by a float64 pass over the support.
         """
         logits = self._logits(q, a, self.support, self.key_norms)
         if record is not None:
             record.copy_(logits)
         top, index = torch.topk(logits, min(_accuracy.CANDIDATES, self.n), dim=1)
         covered, inside = _accuracy.covered(error, top, self.n, self._eps)
-        open_ = (~covered).nonzero().squeeze(1)
         B, D = logits.shape[0], self.support.shape[1]
         acc = Accumulated(row_max=top[:, 0].clone(), total=torch.ones_like(top[:, 0]),
                           mean=None if neff else logits.new_zeros(B, D),
                           square=logits.new_ones(B) if neff else None,
                           scalar=logits.new_zeros(B) if spread else None, top_logits=top, top_index=index)
+        open_ = (~covered).nonzero().squeeze(1)
         few = None
-        if open_.numel():
-            whole = open_.numel() == B
-            rows = logits if whole else logits[open_]
-            keys = None
-            if not neff:  # before the pass below overwrites the logits
-                count, keys = _accuracy.kept(rows, error[open_], self.n, self._eps)
-                small = (count <= _accuracy.REFINE_MAX).nonzero().squeeze(1) if spread else count[:0]
+        if open_.numel() and not neff:
+            keep = _accuracy.tail_cut(logits if open_.numel() == B else logits[open_], error[open_],
+                                      self._eps)
+            count = keep.sum(dim=1)
+            now = (count <= _accuracy.CANDIDATES) & _accuracy.tracks_candidates(error[open_], self._eps)
+            covered[open_[now]] = True
+            inside[open_[now]] = count[now]
+            if spread:
+                small = ((count <= _accuracy.REFINE_MAX) & ~now).nonzero().squeeze(1)
                 if small.numel():
-                    few = (open_[small], torch.topk(rows[small], int(count[small].max()), dim=1).indices)
-            if keys is not None and keys.numel() <= self.n * _SPARSE_FRACTION:
-                blocks = self._kept_blocks(rows, keys, spread)
-            else:
-                blocks = [Block(rows, None if neff else self.support,
-                                scalars=self.key_norms if spread else None)]
-            part = online_softmax(blocks, squares=neff)
-            for name in ("row_max", "total", "mean", "square", "scalar"):
-                value = getattr(part, name)
-                if value is not None:
-                    if whole:
-                        setattr(acc, name, value)
-                    else:
-                        getattr(acc, name)[open_] = value
+                    few = (open_[small], keep[small])
+            alone = (~now & (count <= self.n // _GATHER_DIVISOR)).nonzero().squeeze(1)
+            for r in alone.tolist():
+                k = keep[r].nonzero().squeeze(1)
+                self._store(acc, open_[r:r + 1], online_softmax([Block(
+                    logits[open_[r], k][None], self.support[k],
+                    scalars=self.key_norms[k] if spread else None)]))
+            shared = (~now & (count > self.n // _GATHER_DIVISOR)).nonzero().squeeze(1)
+            if shared.numel():
+                rows = open_[shared]
+                keys = keep[shared].any(dim=0).nonzero().squeeze(1)
+                part = logits if rows.numel() == B else logits[rows]
+                if keys.numel() <= self.n * _SPARSE_FRACTION:
+                    blocks = self._kept_blocks(part, keys, spread)
+                else:
+                    blocks = [Block(part, self.support, scalars=self.key_norms if spread else None)]
+                self._store(acc, rows, online_softmax(blocks))
+        elif open_.numel():
+            self._store(acc, open_, online_softmax([Block(logits if open_.numel() == B else logits[open_],
+                                                          None)], squares=True))
         return acc, covered, inside, few
+
+    @staticmethod
+    def _store(acc: Accumulated, rows: torch.Tensor, part: Accumulated) -> None:
+        """Write a pass over some ``rows`` (r,) into the batch's sums."""
+        for name in ("row_max", "total", "mean", "square", "scalar"):
+            value = getattr(part, name)
+            if value is not None:
+                getattr(acc, name)[rows] = value
 
     def _kept_blocks(self, logits: torch.Tensor, keys: torch.Tensor, spread: bool) -> Iterator[Block]:
         """The (r, n) ``logits`` and the support restricted to ``keys`` (u,), gathered in blocks of
@@ -447,15 +471,31 @@ class EmpiricalField:
             if rows.numel() and track:
                 # The bound assumes every logit is off by the worst case: measure the actual
                 # rounding on the row's top candidates before paying for float64.
+                streamed, exact_top, _ = self._top_candidates(xf, tt, rows, acc, _accuracy.OBSERVED)
                 error = error.clone()
-                observed = _accuracy.OBSERVED_SAFETY * self._observed_error(xf, tt, rows, acc)
+                observed = _accuracy.OBSERVED_SAFETY * _accuracy.observed_error(streamed, exact_top)
                 error[rows] = torch.minimum(error[rows], observed)
                 rows = too_large(error)
+            if rows.numel() and track and not neff:
+                # Weight on a few points with a long tail: the top candidates weighed exactly.
+                streamed, exact_top, candidates = self._top_candidates(xf, tt, rows, acc,
+                                                                       _accuracy.CANDIDATES)
+                mean, tail = _accuracy.top_corrected(acc.total[rows].to(WIDE), acc.mean[rows].to(WIDE),
+                                                     acc.row_max[rows].to(WIDE), streamed, exact_top,
+                                                     candidates, error[rows], self._eps)
+                rel = _accuracy.relative_error(error[rows] * tail.sqrt(), self._eps, mean, xf[rows].to(WIDE),
+                                               acc.scalar[rows].to(WIDE), self._center_wide, a[rows], b[rows])
+                good = rel <= _accuracy.FALLBACK_TOL
+                if bool(good.any()):
+                    exact.append(_Exact(rows[good], mean[good], None))
+                    rows = rows[~good]
             if rows.numel() and few is not None:
-                # Rows that keep few keys: those, weighed again in float64 (eq. of covered()).
+                # Rows that keep few keys: those, weighed again in float64 (eq. of tail_cut()).
                 hit = torch.isin(few[0], rows)
                 if bool(hit.any()):
-                    exact.append(self._from_candidates(xf, tt, few[0][hit], few[1][hit]))
+                    keep = few[1][hit]
+                    index = torch.topk(keep.to(torch.int8), int(keep.sum(dim=1).max()), dim=1).indices
+                    exact.append(self._from_candidates(xf, tt, few[0][hit], index))
                     rows = rows[~torch.isin(rows, few[0][hit])]
             if rows.numel():
                 exact.append(self._wide_pass(xf, tt, rows))
