@@ -72,3 +72,68 @@ def test_relative_error_bounds_an_adversarial_perturbation_of_the_logits():
         m2 = torch.softmax(logits + delta[:, None] * sign, 1) @ X
         assert bool(((m2 - m).norm(dim=1) / (m - x).norm(dim=1) <= est_u).all())
         assert bool(((m2 - m).norm(dim=1) / m.norm(dim=1) <= est_m).all())
+
+
+def _worst_excluded(logits, keep, slack):
+    """The largest weight the dropped keys can have when every logit is off by up to ``slack``
+    in the unfavourable direction (dropped ones up, kept ones down), in float64."""
+    lw = logits.double()
+    up = torch.where(keep, lw - slack[:, None], lw + slack[:, None])
+    return (torch.softmax(up, dim=1) * (~keep)).sum(dim=1)
+
+
+def test_tail_cut_leaves_out_less_than_eps_e2_under_adversarial_rounding():
+    g = torch.Generator().manual_seed(3)
+    eps = torch.finfo(torch.float32).eps
+    n = 5003  # no multiple of anything
+    rows = [
+        10.0 * torch.randn(n, generator=g),                             # Gaussian logits
+        torch.cat([torch.zeros(1), torch.full((n - 1,), -19.0)]),       # a wall just below the max
+        torch.cat([torch.zeros(3), -torch.rand(n - 3, generator=g) * 40]),  # three tied maxima, flat tail
+        torch.linspace(0.0, -60.0, n),                                  # a steady fall
+        torch.zeros(n),                                                 # all tied: keep all
+    ]
+    logits = torch.stack(rows).float()
+    for slack in (0.0, 1e-4, 0.5, 3.0):
+        s = torch.full((len(rows),), slack, dtype=F64)
+        keep = _accuracy.tail_cut(logits, s, eps)
+        assert bool((_worst_excluded(logits, keep, s) < eps * math.exp(-2)).all()), slack
+        # The kept keys are the row's largest: a cut, not a scatter.
+        kept_min = torch.where(keep, logits, math.inf).amin(dim=1)
+        dropped_max = torch.where(keep, -math.inf, logits).amax(dim=1)
+        assert bool((dropped_max < kept_min).all())
+        # Never more than the a-priori margin keeps.
+        assert bool((keep.sum(dim=1) <= _accuracy.screened(logits, s, n, eps)).all())
+        assert int(keep[4].sum()) == n
+    # At a typical fp32 slack the Gaussian row keeps fewer keys than the margin (529 of 774).
+    s = torch.full((len(rows),), 1e-4, dtype=F64)
+    kept = int(_accuracy.tail_cut(logits, s, eps)[0].sum())
+    margin = int(_accuracy.screened(logits, s, n, eps)[0])
+    assert kept < 0.75 * margin, (kept, margin)
+    # The engine's layout (a transposed block) gives the same cut as a row-major copy.
+    transposed = logits.T.contiguous().T
+    assert torch.equal(_accuracy.tail_cut(transposed, s, eps), _accuracy.tail_cut(logits, s, eps))
+
+
+def test_top_corrected_mean_is_the_softmax_with_the_exact_top_logits():
+    """Re-derived directly: the softmax over all keys with the K largest logits replaced by
+    their exact values, against the formula that patches the streamed sums."""
+    g = torch.Generator().manual_seed(4)
+    n, D, K = 400, 5, 16
+    X = torch.randn(n, D, generator=g, dtype=F64)
+    streamed = 4.0 * torch.randn(3, n, generator=g, dtype=F64)
+    exact = streamed.clone()
+    top = torch.topk(streamed, K, dim=1).indices
+    exact.scatter_(1, top, streamed.gather(1, top) + 1e-3 * torch.randn(3, K, generator=g, dtype=F64))
+    M = streamed.amax(dim=1)
+    total = torch.exp(streamed - M[:, None]).sum(dim=1)
+    mean = torch.softmax(streamed, dim=1) @ X
+    corrected, tail = _accuracy.top_corrected(total, mean, M, streamed.gather(1, top), exact.gather(1, top),
+                                              X[top], torch.full((3,), 1e-3, dtype=F64), 1e-16)
+    assert torch.allclose(corrected, torch.softmax(exact, dim=1) @ X, rtol=0, atol=1e-13)
+    # The tail bound covers the weight of the keys outside the top K and is tight: the bound is
+    # their weight against the top's alone, T / S_K = W / (1 - W), times e^s.
+    w = torch.softmax(exact, dim=1)
+    true_tail = 1.0 - w.gather(1, top).sum(dim=1)
+    assert bool((tail >= true_tail).all())
+    assert bool((tail <= 1.01 * true_tail / (1.0 - true_tail)).all())
