@@ -21,14 +21,16 @@ How it is computed (what the tests check):
   ||x - t c||^2 is constant in j, so l_j = (t <x - t c, x^(j)> - t^2 ||x^(j) - c||^2 / 2) / sigma_t^2:
   smaller numbers when the data sit away from the origin.
 - Accuracy (:mod:`nwflow._accuracy`): rows whose weight provably sits on a few candidates are
-  redone from them in float64; fp32 rows whose estimated error exceeds the tolerance are redone
-  in float64 from the keys they keep (at most ``REFINE_MAX``), else by a float64 pass.
+  redone from them in float64; an fp32 row whose estimated error exceeds the tolerance gets its
+  64 largest terms weighed exactly and is tested again on its tail alone, and if it still fails
+  is redone in float64 from the keys it keeps (at most ``REFINE_MAX``), else by a float64 pass.
   Coefficients in float64, TF32 off (:mod:`nwflow._precision`).
-- Work skipped, exactly (Part III, chapter 9, section 4): when the logits fit in one block the
-  collapsed rows are found before the second product and left out of it, and the others are
-  summed over the keys some row keeps when those are few (one covering margin,
-  :func:`nwflow._accuracy.screen_margin`); a batch at t = 0 takes no pass; along a trajectory
-  the carried screen answers collapsed rows from the previous call (the class docstring).
+- Work skipped, exactly (Part III, chapter 9, section 4): when the logits fit in one block each
+  row keeps only the keys its a-posteriori tail cut needs (:func:`nwflow._accuracy.tail_cut`:
+  the rest weigh less than eps e^-2), so collapsed rows skip the second product, rows keeping
+  few keys are summed over them alone, and the others share one product over the keys any of
+  them keeps when those are few; a batch at t = 0 takes no pass; along a trajectory the carried
+  screen answers collapsed rows from the previous call (the class docstring).
 - Gradients in x: dm/dx = (t / sigma_t^2) Cov_w(X), so the outputs carry their exact
   vector-Jacobian product (one float64 pass for Cov_w(X) g); for gradients in t or the support
   use :class:`nwflow.attention.GaussianKernelAttention`, which autograd records.
