@@ -34,7 +34,7 @@ from nwflow._precision import WIDE
 __all__ = ["CANDIDATES", "FALLBACK_TOL", "OBSERVED", "OBSERVED_SAFETY", "SCREEN_MAX", "CARRY_SLACK",
            "REFINE_MAX",
            "logit_error_bound", "tracks_candidates", "covered", "refine", "observed_error", "relative_error",
-           "span_fit", "screen_margin", "screened", "kept", "tail_cut", "exact_logits", "top_corrected"]
+           "span_fit", "screen_margin", "tail_cut", "screened", "exact_logits", "top_corrected"]
 
 # Candidates per row kept for the exact refinement.
 CANDIDATES = 64
@@ -207,27 +207,6 @@ def screen_margin(slack: torch.Tensor, n: int, eps: float) -> torch.Tensor:
     return 2.0 * slack + math.log(n) + math.log(1.0 / eps) + 2.0
 
 
-def _kept_mask(logits: torch.Tensor, slack: torch.Tensor, n: int, eps: float) -> torch.Tensor:
-    """(r, n): which keys each row keeps under :func:`screen_margin`."""
-    best = logits.amax(dim=1).to(WIDE)
-    return logits >= (best - screen_margin(slack, n, eps)).to(logits.dtype)[:, None]
-
-
-def screened(logits: torch.Tensor, slack: torch.Tensor, n: int, eps: float) -> torch.Tensor:
-    """Keys each row keeps under :func:`screen_margin`, (r,): ``logits`` (r, n) approximate
-    logits, each within ``slack`` (r,) of the exact one. Part III, performance."""
-    return _kept_mask(logits, slack, n, eps).sum(dim=1)
-
-
-def kept(logits: torch.Tensor, slack: torch.Tensor, n: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """What each row keeps under :func:`screen_margin`: how many keys (r,), and the keys any row
-    keeps (u,), ascending indices into the columns of ``logits`` (r, n), each within ``slack``
-    (r,) of the exact logit. Summing over those keys alone leaves out less than eps e^-2 of every
-    row's weight. Chapter 3."""
-    mask = _kept_mask(logits, slack, n, eps)
-    return mask.sum(dim=1), mask.any(dim=0).nonzero().squeeze(1)
-
-
 def tail_cut(logits: torch.Tensor, slack: torch.Tensor, eps: float) -> torch.Tensor:
     r"""Which keys each row must keep so that the others provably weigh less than eps e^-2, (r, n).
 
@@ -269,3 +248,9 @@ def tail_cut(logits: torch.Tensor, slack: torch.Tensor, eps: float) -> torch.Ten
     fits = below <= allowed[:, None]
     cut = torch.where(fits.any(dim=1), fits.to(torch.int8).argmax(dim=1), last + 1)
     return (bins < cut[None, :]).T if keys == 0 else bins < cut[:, None]
+
+
+def screened(logits: torch.Tensor, slack: torch.Tensor, eps: float) -> torch.Tensor:
+    """Keys each row keeps under :func:`tail_cut`, (r,): the carried screen's count, from
+    ``logits`` (r, n) each within ``slack`` (r,) of the exact one. Part III, performance."""
+    return tail_cut(logits, slack, eps).sum(dim=1)

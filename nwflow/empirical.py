@@ -165,8 +165,8 @@ class EmpiricalField:
     bound, |g_1| times the Gram columns' rounding (ERROR_FACTOR + 1) eps max||x^(i)||^2 and
     the mass of the candidate weights left out of the sum times max||x^(i)||^2, ||r||
     max||x^(i)|| and float64 rounding. A row whose slack is at most ``CARRY_SLACK`` keeps the
-    keys with l~_i >= max_j l~_j - (2 s + log n + log(1/eps) + 2): those left out weigh less than
-    eps e^-2 in total (:func:`nwflow._accuracy.screen_margin`), and the kept ones, at most
+    keys its tail cut needs (:func:`nwflow._accuracy.tail_cut` with slack s: those left out weigh
+    less than eps e^-2 in total at any rounding within s), and the kept ones, at most
     ``SCREEN_MAX``, get their exact float64 weights and mean (:func:`nwflow._accuracy.refine`).
     Every other row takes the full pass, whose logits are kept to start the next call's carry
     (their bound: :func:`nwflow._accuracy.logit_error_bound`). A first call, a new batch size or
@@ -607,7 +607,7 @@ class EmpiricalField:
         logits = (inner - tr_[:, None] * cx).mul_(fr[:, None]).sub_(ar[:, None] * nc)
         D = self.support.shape[1]
         slack = fr * error + 8.0 * D * tiny * (fr * (raw * xw[rows].norm(dim=1) + tr_ * cx_max) + ar * nc_max)
-        count = _accuracy.screened(logits, slack, self.n, self._eps)
+        count = _accuracy.screened(logits, slack, self._eps)
         ok = count <= _accuracy.SCREEN_MAX
         if not bool(ok.any()):
             return None

@@ -136,9 +136,9 @@ def test_a_shrunken_margin_is_caught(monkeypatch):
     t0, t1 = torch.full((6,), 0.5, dtype=torch.float64), torch.full((6,), 0.95, dtype=torch.float64)
     honest, screened = euler(*fields(X, torch.float64), x0.clone(), t0, t1, 20)
     assert honest <= 1e-9 and screened > 0
-    # The screen's count only: the reference's own covering test uses the same margin.
+    # The screen's count only: the reference's own pass uses the same tail cut.
     monkeypatch.setattr(_accuracy, "screened",
-                        lambda logits, slack, n, eps: (logits >= logits.amax(1, keepdim=True) - 1e-3).sum(1))
+                        lambda logits, slack, eps: (logits >= logits.amax(1, keepdim=True) - 1e-3).sum(1))
     broken, screened = euler(*fields(X, torch.float64), x0.clone(), t0, t1, 20)
     assert screened > 0 and broken > 1e-3
 
