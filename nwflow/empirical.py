@@ -165,8 +165,9 @@ class EmpiricalField:
     bound, |g_1| times the Gram columns' rounding (ERROR_FACTOR + 1) eps max||x^(i)||^2 and
     the mass of the candidate weights left out of the sum times max||x^(i)||^2, ||r||
     max||x^(i)|| and float64 rounding. A row whose slack is at most ``CARRY_SLACK`` keeps the
-    keys its tail cut needs (:func:`nwflow._accuracy.tail_cut` with slack s: those left out weigh
-    less than eps e^-2 in total at any rounding within s), and the kept ones, at most
+    keys within the covering margin of its largest approximate logit, or if those are too many
+    the keys its tail cut needs (:func:`nwflow._accuracy.screened`: those left out weigh less
+    than eps e^-2 in total at any rounding within s), and the kept ones, at most
     ``SCREEN_MAX``, get their exact float64 weights and mean (:func:`nwflow._accuracy.refine`).
     Every other row takes the full pass, whose logits are kept to start the next call's carry
     (their bound: :func:`nwflow._accuracy.logit_error_bound`). A first call, a new batch size or
@@ -575,44 +576,56 @@ class EmpiricalField:
         cx, nc, cx_max, nc_max = self._wide_scalars()
         # g_0 <x', x^(i)>: screened rows kept theirs, rows of the full pass recover them from
         # their streamed logits.
-        inner = torch.empty(rows.numel(), self.n, dtype=WIDE, device=self.device)
         pos = tr.inner_pos[rows]
         own = pos >= 0
-        if bool(own.any()):
-            inner[own] = tr.inner[pos[own]]
-        if not bool(own.all()):
+        if bool(own.all()):
+            # The trail is read once: its products may be scaled in place when they line up.
+            same = pos.numel() == tr.inner.shape[0] and bool((pos == torch.arange(pos.numel())).all())
+            inner = (tr.inner if same else tr.inner[pos]).mul_(gamma[:, :1])
+        else:
+            inner = torch.empty(rows.numel(), self.n, dtype=WIDE, device=self.device)
+            if bool(own.any()):
+                inner[own] = tr.inner[pos[own]]
             r = rows[~own]
             t0 = tr.t[r][:, None]
             inner[~own] = ((tr.logits[tr.logit_pos[r]].to(WIDE) + tr.a[r][:, None] * self.key_norms.to(WIDE))
                             .mul_(self._sigma(t0).square() / t0).add_(t0 * cx))
-        inner.mul_(gamma[:, :1])
+            inner.mul_(gamma[:, :1])
         # + g_1 <m', x^(i)>
         if direct:
             # m' rounded to the compute dtype: within (ERROR_FACTOR + 1) eps max||x^(i)|| ||m'||,
             # inside e_mean's bound since ||m'|| <= max ||x^(i)||.
             inner.add_((self.support @ tr.mean[rows].to(self.dtype).T).T.to(WIDE).mul_(gamma[:, 1:]))
         else:
-            # sum_k g_1 w'_k <x^(k), x^(i)> as (h, u) weights on the u cached columns, in blocks.
+            # sum_k g_1 w'_k <x^(k), x^(i)> from the cached columns: each row has a few
+            # candidates, so the k-th of every row that has one is added at once (a product
+            # with the (h, u) weights would cost h u n).
             keys = torch.unique(index[keep_w])
             slots = self._gram_slots(keys) if keys.numel() else keys
-            weights = torch.zeros(rows.numel(), keys.numel(), dtype=WIDE, device=self.device)
-            r, k = keep_w.nonzero(as_tuple=True)
-            weights.index_put_((r, torch.searchsorted(keys, index[r, k])), gamma[r, 1] * w[r, k],
-                               accumulate=True)
-            step = chunk_rows(WIDE_BYTES, self.n * 8)
-            for s in range(0, keys.numel(), step):
-                inner.addmm_(weights[:, s:s + step], self._gram[slots[s:s + step]].to(WIDE))
+            for j in range(keep_w.shape[1]):
+                r = keep_w[:, j].nonzero().squeeze(1)
+                if r.numel() == inner.shape[0]:  # in float64 (addcmul promotes the float32 columns)
+                    column = slots[torch.searchsorted(keys, index[:, j].contiguous())]
+                    inner.addcmul_(self._gram[column], (gamma[:, 1] * w[:, j])[:, None])
+                elif r.numel():
+                    column = slots[torch.searchsorted(keys, index[r, j].contiguous())]
+                    inner[r] += self._gram[column].to(WIDE).mul_((gamma[r, 1] * w[r, j])[:, None])
         # l~_i = f (<x, x^(i)> - t <c, x^(i)>) - a ||x^(i) - c||^2, each within f E (+ float64 rounding)
         fr, ar, tr_ = f[rows], a_w[rows], tt[rows]
-        logits = (inner - tr_[:, None] * cx).mul_(fr[:, None]).sub_(ar[:, None] * nc)
+        logits = torch.mul(inner, fr[:, None]).addmm_(torch.stack([fr * tr_, ar], dim=1),
+                                                       torch.stack([cx, nc]), alpha=-1.0)
         D = self.support.shape[1]
         slack = fr * error + 8.0 * D * tiny * (fr * (raw * xw[rows].norm(dim=1) + tr_ * cx_max) + ar * nc_max)
-        count = _accuracy.screened(logits, slack, self._eps)
+        count = _accuracy.screened(logits, slack, self.n, self._eps, _accuracy.SCREEN_MAX)
         ok = count <= _accuracy.SCREEN_MAX
         if not bool(ok.any()):
             return None
-        top = torch.topk(logits[ok], int(count[ok].max()), dim=1).indices
-        return rows[ok], inner[ok], error[ok], top
+        if not bool(ok.all()):
+            rows, inner, error, logits, count = (v[ok] for v in (rows, inner, error, logits, count))
+        k = int(count.max())
+        # One candidate each (the common case once collapsed): one pass instead of a selection.
+        top = logits.argmax(dim=1, keepdim=True) if k == 1 else torch.topk(logits, k, dim=1).indices
+        return rows, inner, error, top
 
     def _solve_screened(self, xf: torch.Tensor, tt: torch.Tensor, a: torch.Tensor, b: torch.Tensor
                         ) -> tuple[torch.Tensor, list[_Exact]]:

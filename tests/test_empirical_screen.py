@@ -137,8 +137,8 @@ def test_a_shrunken_margin_is_caught(monkeypatch):
     honest, screened = euler(*fields(X, torch.float64), x0.clone(), t0, t1, 20)
     assert honest <= 1e-9 and screened > 0
     # The screen's count only: the reference's own pass uses the same tail cut.
-    monkeypatch.setattr(_accuracy, "screened",
-                        lambda logits, slack, eps: (logits >= logits.amax(1, keepdim=True) - 1e-3).sum(1))
+    monkeypatch.setattr(_accuracy, "screened", lambda logits, slack, n, eps, limit: (
+        logits >= logits.amax(1, keepdim=True) - 1e-3).sum(1))
     broken, screened = euler(*fields(X, torch.float64), x0.clone(), t0, t1, 20)
     assert screened > 0 and broken > 1e-3
 
