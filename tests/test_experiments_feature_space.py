@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from nwflow import conditioner
-from nwflow.data import imagenette
+from nwflow.data import dinov2, imagenette
 from nwflow.experiments import feature_space as FS
 
 
@@ -91,6 +91,20 @@ def test_scarcity_plugin_side_is_the_exact_field():
     cfg = dict(sigma_min=0.01, support_sizes=[2, 5], seed=0, eval_repeats=1, n_generated=12, ode_steps=5)
     rows = FS.scarcity_eval(PlugIn(3, width=8, heads=2, layers=1), Z, labels, cfg)
     assert np.allclose(rows["ratio"], 1.0) and rows["mmd2_learned"] == rows["mmd2_plugin"]
+
+
+def test_dinov2_loads_a_local_checkpoint_or_says_why(tmp_path, monkeypatch):
+    # A state dict with the official keys (random values here) at NWFLOW_DINOV2_WEIGHTS is loaded
+    # strictly and reported as pretrained; a broken file gives no model and a message naming the
+    # variable (offline machines never reach the hub in this test: a local file always wins).
+    path = tmp_path / "dinov2_vits14_pretrain.pth"
+    torch.save(dinov2.vit_small14().state_dict(), path)
+    monkeypatch.setenv("NWFLOW_DINOV2_WEIGHTS", str(path))
+    model, note = FS._try_dinov2(torch.device("cpu"))
+    assert model is not None and model.pretrained and str(path) in note
+    path.write_bytes(b"not a checkpoint")
+    model, note = FS._try_dinov2(torch.device("cpu"))
+    assert model is None and "NWFLOW_DINOV2_WEIGHTS" in note and str(path) in note
 
 
 @needs_data

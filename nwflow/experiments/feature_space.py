@@ -37,6 +37,7 @@ from ``NWFLOW_DATA_DIR`` (see :mod:`nwflow.data.imagenette` for the download rou
 from __future__ import annotations
 
 import math
+import socket
 import time
 from typing import Any
 
@@ -80,7 +81,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                 eval_repeats=2, n_generated=200, ode_steps=40, dinov2=False),
     "gpu": dict(sizes=[8, 16, 32, 64], collapse_n=[1000, 9469], collapse_queries=128, curve_points=49,
                 train_limit=None, val_limit=None, net_size=64, net_width=64, net_epochs=20, pca_dims=[16, 64],
-                cond_steps=20000, cond_width=128, cond_tasks=64, query_size=64,
+                cond_steps=8000, cond_width=128, cond_tasks=64, query_size=64,
                 support_sizes=[1, 5, 10, 25, 50], eval_repeats=10, n_generated=500, ode_steps=100,
                 dinov2=True),
 }
@@ -122,7 +123,8 @@ def _bisect(field, own, x0, sm, lo=0.0, hi=0.999, iters=10) -> float:
 
 
 def collapse_sweep(images: dict[int, torch.Tensor], sizes_n: list[int], queries: int, curve_points: int,
-                   sigma_min: float, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+                   sigma_min: float, seed: int = 0, progress: bool = True,
+                   device: str | torch.device = "cpu") -> dict[str, Any]:
     """Measured and predicted collapse time per side length (``images[s]`` (N, 3, s, s)) and support
     size; the median n_eff on a t grid for the largest support. Queries sit on the flow's path
     x = sigma_t x0 + t s_j at ``queries`` support points s_j with fresh noise x0."""
@@ -137,9 +139,10 @@ def collapse_sweep(images: dict[int, torch.Tensor], sizes_n: list[int], queries:
             n = min(n, flat.shape[0])
             g = torch.Generator().manual_seed(seed + n)
             X = flat[:n]
-            field = EmpiricalField(X, sigma_min=sigma_min)
+            field = EmpiricalField(X.to(device), sigma_min=sigma_min)
             own = X[torch.randint(0, n, (queries,), generator=g)]
             x0 = torch.randn(own.shape, generator=g)
+            own, x0 = own.to(device), x0.to(device)
             row["n"].append(n)
             row["t_measured"].append(_bisect(field, own, x0, sigma_min))
             row["t_predicted"].append(predicted_collapse(X, sigma_min))
@@ -243,6 +246,8 @@ def _try_dinov2(device: torch.device) -> tuple[torch.nn.Module | None, str]:
     """DINOv2 ViT-S/14 with real weights (a local file, torch.hub's cache, then a hub download),
     or None and the reason it did not load."""
     local = dinov2.find_local_weights()
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(60)  # a machine without a route fails in a minute, not never
     try:
         model = dinov2.load_dinov2(local if local is not None else "hub", device=device)
         return model, model.weights_source
@@ -250,6 +255,8 @@ def _try_dinov2(device: torch.device) -> tuple[torch.nn.Module | None, str]:
         where = local or dinov2.DINOV2_VITS14_URL
         return None, (f"DINOv2 ViT-S/14 weights did not load from {where} ({type(err).__name__}: {err}); "
                       "set NWFLOW_DINOV2_WEIGHTS to a local copy of dinov2_vits14_pretrain.pth")
+    finally:
+        socket.setdefaulttimeout(previous)
 
 
 def image_features(config: dict[str, Any], device: str | torch.device = "cpu", checkpoint_dir=None,
@@ -270,7 +277,8 @@ def image_features(config: dict[str, Any], device: str | torch.device = "cpu", c
                 imgs, labels = load_imagenette(split=split, size=64, limit=limit, progress=progress)
                 out[split] = dinov2.extract_features(imgs, model, batch_size=128, size=224)
                 out[f"{split}_labels"] = labels
-            out.update(feature_source="dinov2", feature_note=note)
+            out.update(feature_source="dinov2",
+                       feature_note=f"{note}; CLS features of the 64x64 Imagenette images resized to 224x224")
             return out
     s = config["net_size"]
     xtr, ytr = load_imagenette(split="train", size=s, limit=config["train_limit"], progress=progress)
@@ -413,7 +421,7 @@ def run_experiment(config: dict[str, Any], device: str | torch.device = "cpu", p
         images = {s: load_imagenette(split="train", size=s, limit=limit, progress=progress)[0]
                   for s in config["sizes"]}
         out["collapse"] = collapse_sweep(images, config["collapse_n"], config["collapse_queries"],
-                                         config["curve_points"], sm, config["seed"], progress)
+                                         config["curve_points"], sm, config["seed"], progress, device)
         out["seconds"]["collapse"] = time.time() - t0
     if "features" in parts:
         t0 = time.time()
