@@ -67,8 +67,8 @@ _CACHE_BYTES = 4 * 2**20
 # The second product runs over the kept keys alone when they are at most this share of the
 # support (gathering them costs about three reads of their rows).
 _SPARSE_FRACTION = 0.25
-# A row that keeps at most n / this many keys is summed over them alone, gathered: a gathered
-# key costs about 30 times its share of the (B, n) x (n, D) product (measured on 2 CPU cores).
+# On CPU a row that keeps at most n / this many keys is summed over them alone, gathered: a
+# gathered key costs about 30 times its share of the (B, n) x (n, D) product (measured on 2 cores).
 _GATHER_DIVISOR = 32
 # The carried screen is on by default for supports of at least this many numbers (n D): below
 # it a full pass costs little more than the screen's bookkeeping.
@@ -424,13 +424,15 @@ class EmpiricalField:
                 small = ((count <= _accuracy.REFINE_MAX) & ~now).nonzero().squeeze(1)
                 if small.numel():
                     few = (open_[small], keep[small])
-            alone = (~now & (count <= self.n // _GATHER_DIVISOR)).nonzero().squeeze(1)
+            # On CPU only: a GPU's product is cheap next to one launch sequence per row.
+            few_keys = self.n // _GATHER_DIVISOR if self.device.type == "cpu" else 0
+            alone = (~now & (count <= few_keys)).nonzero().squeeze(1)
             for r in alone.tolist():
                 k = keep[r].nonzero().squeeze(1)
                 self._store(acc, open_[r:r + 1], online_softmax([Block(
                     logits[open_[r], k][None], self.support[k],
                     scalars=self.key_norms[k] if spread else None)]))
-            shared = (~now & (count > self.n // _GATHER_DIVISOR)).nonzero().squeeze(1)
+            shared = (~now & (count > few_keys)).nonzero().squeeze(1)
             if shared.numel():
                 rows = open_[shared]
                 keys = keep[shared].any(dim=0).nonzero().squeeze(1)
