@@ -34,7 +34,7 @@ from nwflow._precision import WIDE
 __all__ = ["CANDIDATES", "FALLBACK_TOL", "OBSERVED", "OBSERVED_SAFETY", "SCREEN_MAX", "CARRY_SLACK",
            "REFINE_MAX",
            "logit_error_bound", "tracks_candidates", "covered", "refine", "observed_error", "relative_error",
-           "span_fit", "screen_margin", "tail_cut", "screened", "exact_logits", "top_corrected"]
+           "span_fit", "screen_margin", "tail_cut", "kept_keys", "screened", "exact_logits", "top_corrected"]
 
 # Candidates per row kept for the exact refinement.
 CANDIDATES = 64
@@ -250,15 +250,24 @@ def tail_cut(logits: torch.Tensor, slack: torch.Tensor, eps: float) -> torch.Ten
     return (bins < cut[None, :]).T if keys == 0 else bins < cut[:, None]
 
 
-def screened(logits: torch.Tensor, slack: torch.Tensor, n: int, eps: float, limit: int) -> torch.Tensor:
-    """Keys each row keeps, (r,): those within :func:`screen_margin` of its maximum, or where
-    that is more than ``limit``, those of its :func:`tail_cut` (never more: a subset that is
-    just as safe, for about ten passes over the row instead of two). The carried screen's
-    count, from ``logits`` (r, n) each within ``slack`` (r,) of the exact one. Part III,
-    performance."""
+def kept_keys(logits: torch.Tensor, slack: torch.Tensor, n: int, eps: float, low: int, high: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys each row keeps (r, n) and how many (r,): those within :func:`screen_margin` of its
+    maximum, or for a row with more than ``low`` and at most ``high`` of them, those of its
+    :func:`tail_cut` (never more, and as safe: two passes over a row for the margin, about ten
+    for the cut, spent only where fewer keys would change what the row costs). ``logits`` (r,
+    n), each within ``slack`` (r,) of the exact one. Part III, performance."""
     best = logits.amax(dim=1).to(WIDE)
-    count = (logits >= (best - screen_margin(slack, n, eps)).to(logits.dtype)[:, None]).sum(dim=1)
-    wide = (count > limit).nonzero().squeeze(1)
-    if wide.numel():
-        count[wide] = tail_cut(logits[wide], slack[wide], eps).sum(dim=1)
-    return count
+    keep = logits >= (best - screen_margin(slack, n, eps)).to(logits.dtype)[:, None]
+    count = keep.sum(dim=1)
+    rows = ((count > low) & (count <= high)).nonzero().squeeze(1)
+    if rows.numel():
+        keep[rows] = tail_cut(logits[rows], slack[rows], eps)
+        count[rows] = keep[rows].sum(dim=1)
+    return keep, count
+
+
+def screened(logits: torch.Tensor, slack: torch.Tensor, n: int, eps: float, limit: int) -> torch.Tensor:
+    """Keys each row keeps under :func:`kept_keys`, the tail cut tried where the margin keeps
+    more than ``limit``, (r,): the carried screen's count. Part III, performance."""
+    return kept_keys(logits, slack, n, eps, limit, n)[1]

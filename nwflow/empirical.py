@@ -26,11 +26,12 @@ How it is computed (what the tests check):
   is redone in float64 from the keys it keeps (at most ``REFINE_MAX``), else by a float64 pass.
   Coefficients in float64, TF32 off (:mod:`nwflow._precision`).
 - Work skipped, exactly (Part III, chapter 9, section 4): when the logits fit in one block each
-  row keeps only the keys its a-posteriori tail cut needs (:func:`nwflow._accuracy.tail_cut`:
-  the rest weigh less than eps e^-2), so collapsed rows skip the second product, rows keeping
-  few keys are summed over them alone, and the others share one product over the keys any of
-  them keeps when those are few; a batch at t = 0 takes no pass; along a trajectory the carried
-  screen answers collapsed rows from the previous call (the class docstring).
+  row keeps only the keys the covering margin or its a-posteriori tail cut needs
+  (:func:`nwflow._accuracy.kept_keys`: the rest weigh less than eps e^-2), so collapsed rows
+  skip the second product, rows keeping few keys are summed over them alone, and the others
+  share one product over the keys any of them keeps when those are few; a batch at t = 0 takes
+  no pass; along a trajectory the carried screen answers collapsed rows from the previous call
+  (the class docstring).
 - Gradients in x: dm/dx = (t / sigma_t^2) Cov_w(X), so the outputs carry their exact
   vector-Jacobian product (one float64 pass for Cov_w(X) g); for gradients in t or the support
   use :class:`nwflow.attention.GaussianKernelAttention`, which autograd records.
@@ -70,6 +71,9 @@ _SPARSE_FRACTION = 0.25
 # On CPU a row that keeps at most n / this many keys is summed over them alone, gathered: a
 # gathered key costs about 30 times its share of the (B, n) x (n, D) product (measured on 2 cores).
 _GATHER_DIVISOR = 32
+# The tail cut runs on rows whose margin keeps at most this many times what would make them
+# covered or alone (it was seen to keep up to three times fewer keys than the margin).
+_TAIL_CUT_REACH = 8
 # The carried screen is on by default for supports of at least this many numbers (n D): below
 # it a full pass costs little more than the screen's bookkeeping.
 SCREEN_FROM = 2**22
@@ -388,9 +392,10 @@ class EmpiricalField:
         A covered row is redone from its candidates, so its streamed sums would be thrown away:
         skipping them saves the second matrix product (half the pass) for every row whose weight
         has collapsed. Their entries of the returned sums are placeholders (mean 0, n_eff 1).
-        For the mean, every other row keeps only the keys that :func:`nwflow._accuracy.tail_cut`
-        proves it needs (what is left out weighs less than eps e^-2 of the row, below the fp32
-        rounding of the rest): a row that keeps at most ``SCREEN_MAX`` is covered too; one that
+        For the mean, every other row keeps only the keys :func:`nwflow._accuracy.kept_keys`
+        proves it needs (the covering margin, or the a-posteriori tail cut for rows it could make
+        cheaper; what is left out weighs less than eps e^-2 of the row, below the fp32 rounding of
+        the rest): a row that keeps at most ``SCREEN_MAX`` is covered too; one that
         keeps at most n / ``_GATHER_DIVISOR`` is summed over its own keys, gathered (cheaper than
         its share of the matrix product); the rest share one product over the keys any of them
         keeps, gathered in blocks when those are at most ``_SPARSE_FRACTION`` of the support.
@@ -414,9 +419,11 @@ class EmpiricalField:
         open_ = (~covered).nonzero().squeeze(1)
         few = None
         if open_.numel() and not neff:
-            keep = _accuracy.tail_cut(logits if open_.numel() == B else logits[open_], error[open_],
-                                      self._eps)
-            count = keep.sum(dim=1)
+            # The cut is worth its passes only for rows it could make covered or alone.
+            few_keys = self.n // _GATHER_DIVISOR if self.device.type == "cpu" else 0
+            keep, count = _accuracy.kept_keys(logits if open_.numel() == B else logits[open_], error[open_],
+                                              self.n, self._eps, top.shape[1] - 1,
+                                              _TAIL_CUT_REACH * max(top.shape[1], few_keys))
             now = (count <= top.shape[1]) & _accuracy.tracks_candidates(error[open_], self._eps)
             covered[open_[now]] = True
             inside[open_[now]] = count[now]
@@ -424,8 +431,7 @@ class EmpiricalField:
                 small = ((count <= _accuracy.REFINE_MAX) & ~now).nonzero().squeeze(1)
                 if small.numel():
                     few = (open_[small], keep[small])
-            # On CPU only: a GPU's product is cheap next to one launch sequence per row.
-            few_keys = self.n // _GATHER_DIVISOR if self.device.type == "cpu" else 0
+            # On CPU only (few_keys): a GPU's product is cheap next to one launch sequence per row.
             alone = (~now & (count <= few_keys)).nonzero().squeeze(1)
             for r in alone.tolist():
                 k = keep[r].nonzero().squeeze(1)
