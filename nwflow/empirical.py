@@ -151,7 +151,8 @@ class EmpiricalField:
     ``integrate(field.velocity, x0, ...)``. Chapters 2 and 3.
 
     **The carried screen** (Part III, performance; measured in book/results/bench/trajectory_cpu.json:
-    on CIFAR-10 it answers every row from t of about 0.45 at a tenth of a full pass). Along a
+    on CIFAR-10 it answers every row from t of about 0.4, at a tenth (B = 64) to a fifth (B = 256)
+    of a full pass). Along a
     trajectory each query is, up to a small residual, a combination of the previous query x'
     and the previous mean m' = sum_k w'_k x^(k) (an Euler step x + h u is exactly that), and
     where the previous mean came from a few candidates its inner products with the support,
