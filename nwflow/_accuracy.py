@@ -4,7 +4,7 @@ Book: Part I, chapter 3 (why the last digits of the closed form need care near t
 
 The engine (:mod:`nwflow.empirical`) streams each row's logits
 l_j = <q, x^(j)> - a ||x^(j) - c||^2 in the compute dtype (fp32 or fp64). Three rules, with
-every constant they use here and nowhere else:
+every constant they use here and nowhere else (the carried screen's too):
 
 1. An a-priori bound on each row's logit rounding error (:func:`logit_error_bound`):
    |<q, x^(j)>| <= ||q|| max_j ||x^(j)|| and a ||x^(j) - c||^2 <= a max_j ||x^(j) - c||^2, each
@@ -19,8 +19,15 @@ every constant they use here and nowhere else:
    sum_j w_j delta_j (x^(j) - m): at most (bound) x (weighted standard deviation of the support)
    (:func:`relative_error`). Where that estimate of an fp32 row exceeds :data:`FALLBACK_TOL`,
    the rounding actually made is measured on the row's top :data:`OBSERVED` candidates (with a
-   margin :data:`OBSERVED_SAFETY`, capped by the bound), and a row still above the tolerance is
-   recomputed by a float64 pass over the support (rare: low-dimensional data with soft weights).
+   margin :data:`OBSERVED_SAFETY`, capped by the bound); a row still above it gets its
+   :data:`CANDIDATES` largest terms weighed exactly (:func:`top_corrected`), which leaves only
+   the tail's rounding, and is tested again; a row still above the tolerance is recomputed in
+   float64 from the keys it keeps, or by a float64 pass over the support (rare: low-dimensional
+   data with soft weights).
+
+Which keys a row keeps (Part III, chapter 9): those within :func:`screen_margin` of its largest
+logit, or, where the logits are at hand, the fewer that the a-posteriori :func:`tail_cut` needs
+(:func:`kept_keys`); either way the keys left out weigh less than eps e^-2 at any rounding.
 """
 
 from __future__ import annotations
