@@ -43,6 +43,7 @@ __all__ = [
     "median_distance",
     "frechet_distance",
     "gaussian_frechet_distance",
+    "inception_fid",
 ]
 
 # Candidates kept per query before the exact re-check: the GEMM form ||a||^2 + ||b||^2 - 2<a, b>
@@ -364,3 +365,55 @@ def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
         c = f - mu
         stats += [mu, (c.T @ c) / (f.shape[0] - 1)]
     return gaussian_frechet_distance(*stats)
+
+
+_FID_INSTALL = ("pip install 'torchmetrics[image]'  (torchmetrics with torch-fidelity, which provides the "
+                "Inception-v3 FID network; its weights, pt_inception-2015-12-05-6726825d.pth, download "
+                "from github.com/toshas/torch-fidelity/releases on first use into torch's hub cache)")
+
+
+def inception_fid(samples: torch.Tensor, reference: torch.Tensor, batch_size: int = 100,
+                  device: torch.device | str | None = None, feature: int = 2048) -> float:
+    r"""FID (Heusel et al. 2017): the Frechet distance between Inception-v3 features of two image sets.
+
+    .. math:: \mathrm{FID} = \|\mu_s - \mu_r\|^2 + \operatorname{tr}\big(\Sigma_s + \Sigma_r
+        - 2 (\Sigma_s \Sigma_r)^{1/2}\big)
+
+    with (mu, Sigma) fitted to the ``feature``-dimensional pool features of the standard FID
+    Inception network. Computed by a maintained implementation, torchmetrics'
+    ``FrechetInceptionDistance`` (imported here, lazily): ``samples`` (N, 3, H, W) and
+    ``reference`` (M, 3, H, W) in [-1, 1] are mapped to [0, 1] and passed in batches of
+    ``batch_size``. Raises ``ImportError`` naming the package to install when torchmetrics (or
+    torch-fidelity) is missing, and ``RuntimeError`` naming the weights file when the Inception
+    weights cannot be loaded (e.g. offline). Chapter 6 quotes the paper's FID; chapter 10
+    computes it where it loads, and otherwise
+    :func:`frechet_distance` in the features of a classifier it trains itself.
+    """
+    for name, x in (("samples", samples), ("reference", reference)):
+        check_float_tensor(x, name)
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"{name} must be RGB images (N, 3, H, W), got {tuple(x.shape)}")
+        if x.shape[0] < 2:
+            raise ValueError(f"{name} needs at least 2 images, got {x.shape[0]}")
+    check_positive_real(batch_size, "batch_size")
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+    except ImportError as err:
+        raise ImportError(f"inception_fid needs torchmetrics' image metrics ({err}); install them with "
+                          f"{_FID_INSTALL}") from err
+    try:
+        fid = FrechetInceptionDistance(feature=feature, normalize=True)
+    except ImportError as err:
+        raise ImportError(f"inception_fid: torchmetrics' FrechetInceptionDistance could not import its "
+                          f"backend ({err}); install it with {_FID_INSTALL}") from err
+    except Exception as err:  # the weights download or load failed
+        raise RuntimeError(f"inception_fid: the Inception-v3 FID weights could not be loaded "
+                           f"({type(err).__name__}: {err}); they are fetched by {_FID_INSTALL}. Offline, "
+                           f"copy that file into torch.hub.get_dir()/checkpoints/.") from err
+    if device is not None:
+        fid = fid.to(device)
+    dev = device if device is not None else "cpu"
+    for x, real in ((reference, True), (samples, False)):
+        for i in range(0, x.shape[0], int(batch_size)):
+            fid.update(((x[i:i + int(batch_size)].clamp(-1, 1) + 1) / 2).to(dev), real=real)
+    return float(fid.compute())

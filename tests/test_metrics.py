@@ -255,3 +255,67 @@ def test_frechet_bad_inputs():
         gaussian_frechet_distance(torch.zeros(3), torch.eye(2), torch.zeros(3), torch.eye(3))
     with pytest.raises(TypeError, match="torch.Tensor"):
         gaussian_frechet_distance(np.zeros(3), np.eye(3), torch.zeros(3), torch.eye(3))
+
+
+def _fake_torchmetrics(monkeypatch, fid_class):
+    import sys
+    import types
+
+    pkg, image, mod = (types.ModuleType(n) for n in ("torchmetrics", "torchmetrics.image",
+                                                     "torchmetrics.image.fid"))
+    mod.FrechetInceptionDistance = fid_class
+    pkg.image, image.fid = image, mod
+    for name, m in (("torchmetrics", pkg), ("torchmetrics.image", image), ("torchmetrics.image.fid", mod)):
+        monkeypatch.setitem(sys.modules, name, m)
+
+
+def test_inception_fid_names_the_missing_package(monkeypatch):
+    import sys
+
+    from nwflow.metrics import inception_fid
+
+    monkeypatch.setitem(sys.modules, "torchmetrics", None)  # import torchmetrics raises ImportError
+    monkeypatch.setitem(sys.modules, "torchmetrics.image.fid", None)
+    with pytest.raises(ImportError, match=r"pip install 'torchmetrics\[image\]'"):
+        inception_fid(torch.rand(4, 3, 8, 8) * 2 - 1, torch.rand(4, 3, 8, 8) * 2 - 1)
+
+
+def test_inception_fid_names_the_missing_weights(monkeypatch):
+    from nwflow.metrics import inception_fid
+
+    class Offline:
+        def __init__(self, **kwargs):
+            raise OSError("could not download pt_inception weights")
+
+    _fake_torchmetrics(monkeypatch, Offline)
+    with pytest.raises(RuntimeError, match="pt_inception-2015-12-05"):
+        inception_fid(torch.rand(4, 3, 8, 8) * 2 - 1, torch.rand(4, 3, 8, 8) * 2 - 1)
+
+
+def test_inception_fid_feeds_the_implementation_images_in_unit_range(monkeypatch):
+    from nwflow.metrics import inception_fid
+
+    seen = []
+
+    class Recorder:
+        def __init__(self, feature, normalize):
+            assert feature == 2048 and normalize is True
+
+        def update(self, x, real):
+            seen.append((real, x.clone()))
+
+        def compute(self):
+            # the FID of the recorded sets, in pixel space (the real one is Inception's)
+            real = torch.cat([x for r, x in seen if r]).flatten(1)
+            fake = torch.cat([x for r, x in seen if not r]).flatten(1)
+            return torch.tensor(frechet_distance(fake, real))
+
+    _fake_torchmetrics(monkeypatch, Recorder)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(7, 3, 2, 2, generator=g) * 2 - 1, torch.rand(5, 3, 2, 2, generator=g) * 2 - 1
+    got = inception_fid(a, b, batch_size=3)
+    assert [len(x) for r, x in seen if r] == [3, 2] and [len(x) for r, x in seen if not r] == [3, 3, 1]
+    assert all(float(x.min()) >= 0 and float(x.max()) <= 1 for _, x in seen)
+    assert got == pytest.approx(frechet_distance(((a + 1) / 2).flatten(1), ((b + 1) / 2).flatten(1)))
+    with pytest.raises(ValueError, match="RGB"):
+        inception_fid(torch.rand(4, 1, 8, 8), torch.rand(4, 3, 8, 8))
