@@ -41,7 +41,8 @@ from nwflow._precision import WIDE
 __all__ = ["CANDIDATES", "FALLBACK_TOL", "OBSERVED", "OBSERVED_SAFETY", "SCREEN_MAX", "CARRY_SLACK",
            "REFINE_MAX",
            "logit_error_bound", "tracks_candidates", "covered", "refine", "observed_error", "relative_error",
-           "span_fit", "screen_margin", "tail_cut", "kept_keys", "screened", "exact_logits", "top_corrected"]
+           "span_fit", "sq_distances", "screen_margin", "tail_cut", "kept_keys", "screened", "exact_logits",
+           "top_corrected"]
 
 # Candidates per row kept for the exact refinement.
 CANDIDATES = 64
@@ -97,6 +98,23 @@ def covered(error: torch.Tensor, top: torch.Tensor, n: int, eps: float) -> tuple
     return ((inside < top.shape[1]) | (top.shape[1] == n)) & tracks_candidates(error, eps), inside
 
 
+def sq_distances(x: torch.Tensor, t: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    r"""Squared distances ||x - t x^(k)||^2 (r, k), from explicit differences (no cancellation).
+
+    .. math:: d_k^2 = \|x - t x^{(k)}\|^2 = t^2 \|x / t - x^{(k)}\|^2 \quad (t > 0), \qquad
+        d_k^2 = \|x\|^2 \quad (t = 0)
+
+    Formed as t^2 times ``torch.cdist`` of x / t against the candidates in its explicit-difference
+    mode: no (r, k, D) temporary (three of them made the refinement cost more than the row's
+    share of the matrix products at D = 3,072). Rounding x / t moves each coordinate by at most
+    eps |x_i|, as rounding t x^(k) would. Shapes: ``x`` (r, D), ``t`` (r,), ``candidates``
+    (r, k, D), float64. Chapter 3.
+    """
+    scale = torch.where(t > 0, t, torch.ones_like(t))
+    d = torch.cdist((x / scale[:, None])[:, None, :], candidates, compute_mode="donot_use_mm_for_euclid_dist")
+    return torch.where((t > 0)[:, None], (scale[:, None] * d[:, 0]).square_(), x.square().sum(dim=1)[:, None])
+
+
 def refine(x: torch.Tensor, t: torch.Tensor, candidates: torch.Tensor, sigma_t: torch.Tensor
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""Exact weights over each row's candidates, with explicit differences (no cancellation).
@@ -104,11 +122,11 @@ def refine(x: torch.Tensor, t: torch.Tensor, candidates: torch.Tensor, sigma_t: 
     .. math:: w_k = \operatorname{softmax}_k\Big(-\frac{\|x - t x^{(k)}\|^2}{2\sigma_t^2}\Big), \quad
         m = \sum_k w_k x^{(k)}, \quad n_{\rm eff} = 1 / \textstyle\sum_k w_k^2
 
-    Shapes: ``x`` (r, D), ``t`` and ``sigma_t`` (r,), ``candidates`` (r, k, D), all float64;
-    returns the mean (r, D), n_eff (r,) and the weights (r, k). Chapter 3.
+    The distances from :func:`sq_distances`. Shapes: ``x`` (r, D), ``t`` and ``sigma_t`` (r,),
+    ``candidates`` (r, k, D), all float64; returns the mean (r, D), n_eff (r,) and the weights
+    (r, k). Chapter 3.
     """
-    d2 = (x[:, None, :] - t[:, None, None] * candidates).square_().sum(dim=2)
-    w = torch.softmax(-d2 / (2.0 * sigma_t.square()[:, None]), dim=1)
+    w = torch.softmax(sq_distances(x, t, candidates).div_(-2.0 * sigma_t.square()[:, None]), dim=1)
     return torch.bmm(w[:, None, :], candidates)[:, 0], 1.0 / w.square().sum(dim=1), w
 
 
@@ -128,7 +146,7 @@ def exact_logits(x: torch.Tensor, t: torch.Tensor, candidates: torch.Tensor, cen
     (D,), float64. Chapter 3.
     """
     y = x - t[:, None] * center
-    z2 = (y[:, None, :] - t[:, None, None] * (candidates - center)).square_().sum(dim=2)
+    z2 = sq_distances(x, t, candidates)  # = ||y - t (x^(k) - c)||^2
     shift = y.square().sum(dim=1) + 2.0 * t * (y @ center)
     return (shift[:, None] - z2) / (2.0 * sigma_t.square()[:, None])
 
@@ -264,9 +282,15 @@ def kept_keys(logits: torch.Tensor, slack: torch.Tensor, n: int, eps: float, low
     :func:`tail_cut` (never more, and as safe: two passes over a row for the margin, about ten
     for the cut, spent only where fewer keys would change what the row costs). ``logits`` (r,
     n), each within ``slack`` (r,) of the exact one. Part III, performance."""
-    best = logits.amax(dim=1).to(WIDE)
-    keep = logits >= (best - screen_margin(slack, n, eps)).to(logits.dtype)[:, None]
-    count = keep.sum(dim=1)
+    # Along whichever axis is contiguous, as in tail_cut (the mask comes back in the same layout).
+    keys = 0 if not logits.is_contiguous() and logits.T.is_contiguous() else 1
+    lay = logits.T if keys == 0 else logits
+    best = lay.amax(dim=keys, keepdim=True)
+    cut = best.to(WIDE) - (screen_margin(slack, n, eps)[None, :] if keys == 0
+                                 else screen_margin(slack, n, eps)[:, None])
+    keep = lay >= cut.to(logits.dtype)
+    count = keep.sum(dim=keys)
+    keep = keep.T if keys == 0 else keep
     rows = ((count > low) & (count <= high)).nonzero().squeeze(1)
     if rows.numel():
         keep[rows] = tail_cut(logits[rows], slack[rows], eps)

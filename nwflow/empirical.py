@@ -219,6 +219,7 @@ class EmpiricalField:
         self._gram: torch.Tensor | None = None
         self._mean: torch.Tensor | None = None  # the support's mean in float64 (t = 0), on first use
         self._slots: dict[int, int] = {}
+        self._scratch: torch.Tensor | None = None  # _gather's float64 work-space
 
     def _centre(self) -> torch.Tensor:
         """A centre c (D,): the mean of at most 1024 support points spread evenly through the set
@@ -253,8 +254,23 @@ class EmpiricalField:
         return acc
 
     def _gather(self, index: torch.Tensor) -> torch.Tensor:
-        """Support points of the (r, k) indices, (r, k, D) float64."""
-        return self.support[index.reshape(-1)].reshape(*index.shape, -1).to(WIDE)
+        """Support points of the (r, k) indices, (r, k, D) float64, valid until the next gather.
+
+        Up to ``2 WIDE_BYTES`` they land in a work-space kept across calls, widened in blocks
+        that stay in cache: fresh (r, k, D) float32 and float64 copies cost more in first-touch
+        page faults than in copying (87 ms against 22 ms for 29 x 128 rows of 3,072, one thread).
+        """
+        flat, D = index.reshape(-1), self.support.shape[1]
+        if flat.numel() * D * 8 > 2 * WIDE_BYTES:
+            return self.support[flat].reshape(*index.shape, D).to(WIDE)
+        if self._scratch is None or self._scratch.numel() < flat.numel() * D:
+            self._scratch = torch.empty(max(flat.numel() * D, WIDE_BYTES // 8), dtype=WIDE,
+                                        device=self.device)
+        out = self._scratch[:flat.numel() * D].view(flat.numel(), D)
+        step = chunk_rows(_CACHE_BYTES, D * self.support.element_size())
+        for s in range(0, flat.numel(), step):
+            out[s:s + step] = self.support[flat[s:s + step]]
+        return out.view(*index.shape, D)
 
     def __repr__(self) -> str:
         return (f"EmpiricalField(n={self.n}, shape={self.sample_shape}, sigma_min={self.sigma_min}, "

@@ -143,3 +143,28 @@ def test_top_corrected_mean_is_the_softmax_with_the_exact_top_logits():
     true_tail = 1.0 - w.gather(1, top).sum(dim=1)
     assert bool((tail >= true_tail).all())
     assert bool((tail <= 1.01 * true_tail / (1.0 - true_tail)).all())
+
+
+def test_sq_distances_keep_every_digit_where_the_gram_form_cancels():
+    """||x - t x^(k)||^2 next to a key far from the origin: the explicit differences are off by no
+    more than rounding the inputs makes (eps ||x|| per coordinate, so 8 eps ||x|| d + D eps d^2;
+    rational arithmetic as the reference), where the expanded form
+    ||x||^2 - 2 t <x, x^(k)> + t^2 ||x^(k)||^2 loses every digit; a t = 0 row gives ||x||^2."""
+    from fractions import Fraction
+
+    g = torch.Generator().manual_seed(3)
+    cand = 1e3 + torch.randn(3, 5, 8, generator=g, dtype=F64)
+    t = torch.tensor([0.999, 0.5, 0.0], dtype=F64)
+    x = t[:, None] * cand[:, 0] + 1e-6 * torch.randn(3, 8, generator=g, dtype=F64)
+    got = _accuracy.sq_distances(x, t, cand)
+    for r in range(3):
+        for k in range(5):
+            tr = Fraction(float(t[r]))
+            exact = sum((Fraction(float(x[r, i])) - tr * Fraction(float(cand[r, k, i]))) ** 2
+                        for i in range(8))
+            eps, xn = 2.0**-52, float(x[r].norm())
+            allowed = 8 * eps * xn * math.sqrt(float(exact)) + 8 * eps * float(exact)
+            assert abs(float(got[r, k]) - float(exact)) <= allowed, (r, k)
+    gram = (x.square().sum(1)[:, None] - 2 * t[:, None] * torch.einsum("rd,rkd->rk", x, cand)
+            + t[:, None] ** 2 * cand.square().sum(2))
+    assert float((gram[0, 0] - got[0, 0]).abs() / got[0, 0]) > 1e-3   # the expanded form cancels
