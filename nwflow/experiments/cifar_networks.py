@@ -64,9 +64,9 @@ __all__ = ["PRESETS", "preset", "result_path", "weights_path", "training_config"
            "load_weights", "run_experiment", "plot_results", "main"]
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "smoke": dict(n_list=[10, 100], n_efm=100, efm_m=[16], steps=30, batch=16, unet_base=8,
-                  unet_mults=[1, 2], clf_train=1000, net_epochs=1, test_limit=200, n_generated=64,
-                  err_pairs=32, err_times=[0.05, 0.2, 0.5, 0.9], taus=[0.0, 0.5, 1.0], ode_steps=10),
+    "smoke": dict(n_list=[10, 100], n_efm=100, efm_m=[16], steps=20, batch=16, unet_base=8,
+                  unet_mults=[1, 2], clf_train=500, net_epochs=1, test_limit=100, n_generated=32,
+                  err_pairs=16, err_times=[0.05, 0.2, 0.5, 0.9], taus=[0.0, 0.5, 1.0], ode_steps=10),
     "cpu": dict(n_list=[10, 100, 1000], n_efm=1000, efm_m=[128, 256, 1000], steps=1000, batch=64,
                 unet_base=8, unet_mults=[1, 2], clf_train=15000, net_epochs=3, test_limit=2000,
                 n_generated=256, err_pairs=256,
@@ -170,14 +170,17 @@ def _features(net: FeatureNet, images: torch.Tensor, batch: int = 256) -> torch.
 def run_experiment(config: dict[str, Any], device: str | torch.device = "cpu", root: str | None = None,
                    checkpoint_dir: str | os.PathLike | None = None, progress: bool = True,
                    weights: dict[str, dict[str, torch.Tensor]] | None = None,
-                   save_weights: str | os.PathLike | None = None) -> dict[str, Any]:
+                   save_weights: str | os.PathLike | None = None,
+                   artifacts: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train (or load) the networks of ``config`` and measure them; returns JSON-ready results.
 
     ``weights``: ``{name: state_dict}`` from :func:`load_weights`; a network found there is
     loaded instead of trained (its ``train_seconds`` is then None). ``checkpoint_dir``: the
     folder of the resumable training checkpoints (None: ``cache_dir("cifar_networks")``),
     named after the hash of the training configuration. ``save_weights``: a path where every
-    network is written in float16 with that hash. ``root``: the data folder (None:
+    network is written in float16 with that hash. ``artifacts``: a dict that receives what is
+    not JSON (``"nets"``: the networks and the classifier; ``"samples"``: each network's samples;
+    ``"support"``: the training images; ``"hybrid"``: the hybrid end points). ``root``: the data folder (None:
     ``NWFLOW_DATA_DIR``); CIFAR-10's train and test splits are read with
     ``nwflow.data.load_cifar10``.
     """
@@ -186,7 +189,8 @@ def run_experiment(config: dict[str, Any], device: str | torch.device = "cpu", r
     weights = weights or {}
     tcfg = training_config(config)
     n_max = max(max(config["n_list"]), config["n_efm"])
-    train_x, train_y = load_cifar10(root, limit=max(n_max, config["clf_train"]), progress=progress)
+    n_read = n_max if "classifier" in weights else max(n_max, config["clf_train"])
+    train_x, train_y = load_cifar10(root, limit=max(n_read, config["n_generated"]), progress=progress)
     test_x, test_y = load_cifar10(root, split="test", limit=config["test_limit"], progress=progress)
     train_x, test_x = train_x.to(device), test_x.to(device)
     results: dict[str, Any] = {"config": config, "training_config_hash": config_hash(tcfg)}
@@ -258,6 +262,8 @@ def run_experiment(config: dict[str, Any], device: str | torch.device = "cpu", r
             idx = torch.randint(n, (config["err_pairs"],), generator=g).to(device)
             err = field_error(model, sup, err_times, x0, idx)
         loo = leave_one_out_distance(sup) if n > 1 else torch.full((1,), float("nan"))
+        if artifacts is not None:
+            artifacts.setdefault("samples", {})[name] = samples.cpu()
         rows.append({"name": name, "n": n, "target": "CFM" if m is None else f"EFM-{m}", "m": m,
                      "train_seconds": train_s, "sample_seconds": sample_s, "loss_every_10": loss_curve,
                      "field_error": err.tolist(), "d1_mean": float(d1.mean()), "loo_mean": float(loo.mean()),
@@ -282,6 +288,8 @@ def run_experiment(config: dict[str, Any], device: str | torch.device = "cpu", r
         hybrid["fd"].append(q["fd"])
         hybrid["mmd2"].append(q["mmd2"])
     results["hybrid"] = hybrid
+    if artifacts is not None:
+        artifacts.update(nets=nets, support=train_x[:n_max].cpu(), hybrid=hyb.cpu(), noise=noise.cpu())
     if save_weights is not None:
         results["weights_file"] = str(_save_weights(save_weights, nets, config))
     results["wall_seconds"] = time.time() - start
