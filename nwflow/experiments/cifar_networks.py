@@ -67,7 +67,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(n_list=[10, 100], n_efm=100, efm_m=[16], steps=20, batch=16, unet_base=8,
                   unet_mults=[1, 2], clf_train=500, net_epochs=1, test_limit=100, n_generated=32,
                   err_pairs=16, err_times=[0.05, 0.2, 0.5, 0.9], taus=[0.0, 0.5, 1.0], ode_steps=10),
-    "cpu": dict(n_list=[10, 100, 1000], n_efm=1000, efm_m=[128, 256, 1000], steps=1000, batch=64,
+    "cpu": dict(n_list=[10, 100, 1000], n_efm=1000, efm_m=[128, 256, 1000], steps=1000, batch=64, lr=1e-3,
                 unet_base=8, unet_mults=[1, 2], clf_train=15000, net_epochs=3, test_limit=2000,
                 n_generated=256, err_pairs=256,
                 err_times=[0.01, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.7, 0.9, 0.95],
