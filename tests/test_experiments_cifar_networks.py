@@ -126,3 +126,11 @@ def test_main_writes_json_with_provenance(tmp_path, monkeypatch):
     assert data["provenance"]["device"] == "cpu" and data["wall_seconds"] > 0
     assert Path(data["weights_file"]) == tmp_path / "results" / "cifar_networks_smoke_weights.pt"
     assert Path(data["weights_file"]).is_file()
+
+
+def test_preloaded_data_must_cover_the_configuration():
+    cfg = C.preset("smoke", **TINY)
+    small = {"train": (torch.zeros(20, 3, 32, 32), torch.zeros(20, dtype=torch.long)),
+             "test": (torch.zeros(64, 3, 32, 32), torch.zeros(64, dtype=torch.long))}
+    with pytest.raises(ValueError, match=r"data\['train'\] holds 20 images"):
+        C.run_experiment(cfg, progress=False, data=small)

@@ -171,7 +171,8 @@ def run_experiment(config: dict[str, Any], device: str | torch.device = "cpu", r
                    checkpoint_dir: str | os.PathLike | None = None, progress: bool = True,
                    weights: dict[str, dict[str, torch.Tensor]] | None = None,
                    save_weights: str | os.PathLike | None = None,
-                   artifacts: dict[str, Any] | None = None) -> dict[str, Any]:
+                   artifacts: dict[str, Any] | None = None,
+                   data: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict[str, Any]:
     """Train (or load) the networks of ``config`` and measure them; returns JSON-ready results.
 
     ``weights``: ``{name: state_dict}`` from :func:`load_weights`; a network found there is
@@ -180,7 +181,9 @@ def run_experiment(config: dict[str, Any], device: str | torch.device = "cpu", r
     named after the hash of the training configuration. ``save_weights``: a path where every
     network is written in float16 with that hash. ``artifacts``: a dict that receives what is
     not JSON (``"nets"``: the networks and the classifier; ``"samples"``: each network's samples;
-    ``"support"``: the training images; ``"hybrid"``: the hybrid end points). ``root``: the data folder (None:
+    ``"support"``: the training images; ``"hybrid"``: the hybrid end points). ``data``:
+    ``{"train": (images, labels), "test": (images, labels)}`` already loaded (the first images
+    of each split are used, as when read here), to save reading them again. ``root``: the data folder (None:
     ``NWFLOW_DATA_DIR``); CIFAR-10's train and test splits are read with
     ``nwflow.data.load_cifar10``.
     """
@@ -190,8 +193,16 @@ def run_experiment(config: dict[str, Any], device: str | torch.device = "cpu", r
     tcfg = training_config(config)
     n_max = max(max(config["n_list"]), config["n_efm"])
     n_read = n_max if "classifier" in weights else max(n_max, config["clf_train"])
-    train_x, train_y = load_cifar10(root, limit=max(n_read, config["n_generated"]), progress=progress)
-    test_x, test_y = load_cifar10(root, split="test", limit=config["test_limit"], progress=progress)
+    n_read = max(n_read, config["n_generated"])
+    if data is None:
+        data = {"train": load_cifar10(root, limit=n_read, progress=progress),
+                "test": load_cifar10(root, split="test", limit=config["test_limit"], progress=progress)}
+    for split, k in (("train", n_read), ("test", config["test_limit"])):
+        if len(data[split][0]) < k:
+            raise ValueError(f"data[{split!r}] holds {len(data[split][0])} images, "
+                             f"the configuration needs {k}")
+    train_x, train_y = (v[:n_read] for v in data["train"])
+    test_x, test_y = (v[:config["test_limit"]] for v in data["test"])
     train_x, test_x = train_x.to(device), test_x.to(device)
     results: dict[str, Any] = {"config": config, "training_config_hash": config_hash(tcfg)}
     nets: dict[str, torch.nn.Module] = {}
