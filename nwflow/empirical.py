@@ -376,14 +376,19 @@ class EmpiricalField:
         return _Exact(rows, acc.mean, 1.0 / acc.square)
 
     def _top_candidates(self, xf: torch.Tensor, tt: torch.Tensor, rows: torch.Tensor, acc: Accumulated,
-                        k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        k: int, logits: torch.Tensor | None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The streamed logits of the ``k`` largest candidates of ``rows`` (r, k), the same in
-        float64 (r, k), and the candidates (r, k, D) float64."""
-        top = acc.top_index[rows, :k]
+        float64 (r, k), and the candidates (r, k, D) float64: from the pass's top logits, or
+        from the (B, n) ``logits`` block when it is given."""
+        if logits is None:
+            streamed, top = acc.top_logits[rows, :k], acc.top_index[rows, :k]
+        else:
+            streamed, top = torch.topk(logits[rows], min(k, self.n), dim=1)
         candidates = self._gather(top)
         exact = _accuracy.exact_logits(xf[rows].to(WIDE), tt[rows], candidates, self._center_wide,
                                        self._sigma(tt[rows]))
-        return acc.top_logits[rows, :top.shape[1]].to(WIDE), exact, candidates
+        return streamed.to(WIDE), exact, candidates
 
     def _uniform(self, batch: int, neff: bool) -> tuple[Accumulated, list[_Exact]]:
         """A batch at t = 0 (where every sampling run starts): the weights are uniform, so the
@@ -402,73 +407,78 @@ class EmpiricalField:
 
     def _covered_first(self, q: torch.Tensor, a: torch.Tensor, error: torch.Tensor, neff: bool,
                        spread: bool, record: torch.Tensor | None
-                       ) -> tuple[Accumulated, torch.Tensor, torch.Tensor, tuple | None]:
+                       ) -> tuple[Accumulated, torch.Tensor, torch.Tensor, tuple | None, torch.Tensor]:
         """The pass of :meth:`_solve` when the (B, n) logits fit in one block: the covered rows
         are found from the logits first, and only the others are summed against the support.
 
         A covered row is redone from its candidates, so its streamed sums would be thrown away:
         skipping them saves the second matrix product (half the pass) for every row whose weight
-        has collapsed. Their entries of the returned sums are placeholders (mean 0, n_eff 1).
-        For the mean, every other row keeps only the keys :func:`nwflow._accuracy.kept_keys`
-        proves it needs (the covering margin, or the a-posteriori tail cut for rows it could make
+        has collapsed. Their entries of the returned sums are placeholders (maximum 0, mean 0, n_eff 1).
+        Every row's keys are those :func:`nwflow._accuracy.kept_keys` proves it needs (the
+        covering margin, or for the mean the a-posteriori tail cut where it could make a row
         cheaper; what is left out weighs less than eps e^-2 of the row, below the fp32 rounding of
-        the rest): a row that keeps at most ``SCREEN_MAX`` is covered too; one that
+        the rest): a row that keeps at most ``SCREEN_MAX`` is covered; for the mean, one that
         keeps at most n / ``_GATHER_DIVISOR`` is summed over its own keys, gathered (cheaper than
         its share of the matrix product); the rest share one product over the keys any of them
         keeps, gathered in blocks when those are at most ``_SPARSE_FRACTION`` of the support.
-        Returns the pass, the covered rows (B,), how many candidates each needs (B,), and for the
+        Whether a row is covered follows from its count of kept keys, so only the covered rows'
+        candidates are sorted out; the few rows whose top logits the accuracy policy later needs
+        take them from the returned block.
+        Returns the pass, the covered rows (B,), how many candidates each needs (B,), for the
         rows that keep at most ``REFINE_MAX`` keys (with ``spread``: the float32 results whose
-        accuracy is tested) those rows (r,) and which keys they keep (r, n): a row that fails
-        the test is redone from them in float64 instead of by a float64 pass over the support.
+        accuracy is tested) those rows (r,) and which keys they keep (r, n) (a row that fails
+        the test is redone from them in float64 instead of by a float64 pass over the support),
+        and the (B, n) logits, intact.
         """
         logits = self._logits(q, a, self.support, self.key_norms)
         if record is not None:
             record.copy_(logits)
-        # SCREEN_MAX candidates, not CANDIDATES: a row redone from up to that many is carried,
-        # so the screen can answer it at the next step of a trajectory.
-        top, index = torch.topk(logits, min(_accuracy.SCREEN_MAX, self.n), dim=1)
-        covered, inside = _accuracy.covered(error, top, self.n, self._eps)
+        # Up to SCREEN_MAX candidates, not CANDIDATES: a row redone from up to that many is
+        # carried, so the screen can answer it at the next step of a trajectory.
+        K = min(_accuracy.SCREEN_MAX, self.n)
+        few_keys = self.n // _GATHER_DIVISOR if self.device.type == "cpu" and not neff else 0
+        # The cut is worth its passes only for rows it could make covered or alone.
+        keep, count = _accuracy.kept_keys(logits, error, self.n, self._eps, self.n if neff else K,
+                                          _TAIL_CUT_REACH * max(K, few_keys))
+        covered = (count <= K) & _accuracy.tracks_candidates(error, self._eps)
         B, D = logits.shape[0], self.support.shape[1]
-        acc = Accumulated(row_max=top[:, 0].clone(), total=torch.ones_like(top[:, 0]),
+        rows = covered.nonzero().squeeze(1)
+        k_cov = int(count[rows].max()) if rows.numel() else 1
+        top = logits.new_full((B, k_cov), -torch.inf)
+        index = torch.zeros(B, k_cov, dtype=torch.long, device=self.device)
+        if rows.numel():
+            # The kept keys are the row's count largest logits (both rules keep a top set).
+            top[rows], index[rows] = torch.topk(logits[rows], k_cov, dim=1)
+        acc = Accumulated(row_max=logits.new_zeros(B), total=logits.new_ones(B),
                           mean=None if neff else logits.new_zeros(B, D),
                           square=logits.new_ones(B) if neff else None,
                           scalar=logits.new_zeros(B) if spread else None, top_logits=top, top_index=index)
         open_ = (~covered).nonzero().squeeze(1)
         few = None
         if open_.numel() and not neff:
-            # The cut is worth its passes only for rows it could make covered or alone.
-            few_keys = self.n // _GATHER_DIVISOR if self.device.type == "cpu" else 0
-            keep, count = _accuracy.kept_keys(logits if open_.numel() == B else logits[open_], error[open_],
-                                              self.n, self._eps, top.shape[1] - 1,
-                                              _TAIL_CUT_REACH * max(top.shape[1], few_keys))
-            now = (count <= top.shape[1]) & _accuracy.tracks_candidates(error[open_], self._eps)
-            covered[open_[now]] = True
-            inside[open_[now]] = count[now]
             if spread:
-                small = ((count <= _accuracy.REFINE_MAX) & ~now).nonzero().squeeze(1)
+                small = (count[open_] <= _accuracy.REFINE_MAX).nonzero().squeeze(1)
                 if small.numel():
-                    few = (open_[small], keep[small])
+                    few = (open_[small], keep[open_[small]])
             # On CPU only (few_keys): a GPU's product is cheap next to one launch sequence per row.
-            alone = (~now & (count <= few_keys)).nonzero().squeeze(1)
-            for r in alone.tolist():
+            for r in open_[count[open_] <= few_keys].tolist():
                 k = keep[r].nonzero().squeeze(1)
-                self._store(acc, open_[r:r + 1], online_softmax([Block(
-                    logits[open_[r], k][None], self.support[k],
-                    scalars=self.key_norms[k] if spread else None)]))
-            shared = (~now & (count > few_keys)).nonzero().squeeze(1)
-            if shared.numel():
-                rows = open_[shared]
-                keys = keep[shared].any(dim=0).nonzero().squeeze(1)
-                part = logits if rows.numel() == B else logits[rows]
+                self._store(acc, torch.tensor([r], device=self.device), online_softmax([Block(
+                    logits[r, k][None], self.support[k], scalars=self.key_norms[k] if spread else None)]))
+            rows = open_[count[open_] > few_keys]
+            if rows.numel():
+                keys = keep[rows].any(dim=0).nonzero().squeeze(1)
+                # A copy: the pass consumes its logits, and the block is returned intact.
+                part = logits[rows] if rows.numel() < B else logits.clone()
                 if keys.numel() <= self.n * _SPARSE_FRACTION:
                     blocks = self._kept_blocks(part, keys, spread)
                 else:
                     blocks = [Block(part, self.support, scalars=self.key_norms if spread else None)]
                 self._store(acc, rows, online_softmax(blocks))
         elif open_.numel():
-            self._store(acc, open_, online_softmax([Block(logits if open_.numel() == B else logits[open_],
-                                                          None)], squares=True))
-        return acc, covered, inside, few
+            part = logits[open_] if open_.numel() < B else logits.clone()
+            self._store(acc, open_, online_softmax([Block(part, None)], squares=True))
+        return acc, covered, count.where(covered, K), few, logits
 
     @staticmethod
     def _store(acc: Accumulated, rows: torch.Tensor, part: Accumulated) -> None:
@@ -501,9 +511,10 @@ class EmpiricalField:
         # runs on every fp32 result (its cost: one matrix-vector product).
         track = bool(_accuracy.tracks_candidates(error, self._eps).any())
         check = self.dtype != WIDE and (not neff or track)
-        exact, covered, few = [], torch.zeros_like(error, dtype=torch.bool), None
+        exact, covered, few, block = [], torch.zeros_like(error, dtype=torch.bool), None, None
         if track and self._local and q.shape[0] and self._chunk(q.shape[0]) >= self.n:
-            acc, covered, inside, few = self._covered_first(q, a_q, error, neff, check and not neff, record)
+            acc, covered, inside, few, block = self._covered_first(q, a_q, error, neff, check and not neff,
+                                                                   record)
         else:
             blocks = self._blocks(q, a_q, values=not neff, spread=check and not neff, record=record)
             acc = self._combine(online_softmax(blocks, squares=neff,
@@ -526,7 +537,7 @@ class EmpiricalField:
             if rows.numel() and track:
                 # The bound assumes every logit is off by the worst case: measure the actual
                 # rounding on the row's top candidates before paying for float64.
-                streamed, exact_top, _ = self._top_candidates(xf, tt, rows, acc, _accuracy.OBSERVED)
+                streamed, exact_top, _ = self._top_candidates(xf, tt, rows, acc, _accuracy.OBSERVED, block)
                 error = error.clone()
                 observed = _accuracy.OBSERVED_SAFETY * _accuracy.observed_error(streamed, exact_top)
                 error[rows] = torch.minimum(error[rows], observed)
@@ -534,7 +545,7 @@ class EmpiricalField:
             if rows.numel() and track and not neff:
                 # Weight on a few points with a long tail: the top candidates weighed exactly.
                 streamed, exact_top, candidates = self._top_candidates(xf, tt, rows, acc,
-                                                                       _accuracy.CANDIDATES)
+                                                                       _accuracy.CANDIDATES, block)
                 mean, tail = _accuracy.top_corrected(acc.total[rows].to(WIDE), acc.mean[rows].to(WIDE),
                                                      acc.row_max[rows].to(WIDE), streamed, exact_top,
                                                      candidates, error[rows], self._eps)
