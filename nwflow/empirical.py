@@ -878,7 +878,9 @@ class EmpiricalField:
 
 # -- the functional API: one field per call (along a trajectory, reuse one EmpiricalField) --
 def _field(support: torch.Tensor, sigma_min: float, chunk_size: int | None) -> EmpiricalField:
-    return EmpiricalField(support, sigma_min=sigma_min, chunk_size=chunk_size)
+    """The field of a one-off call: the carried screen off, since no next call can use its trail
+    (recording the (B, n) logits for it would be pure cost)."""
+    return EmpiricalField(support, sigma_min=sigma_min, chunk_size=chunk_size, screen=False)
 
 
 def posterior_weights(x: torch.Tensor, t: float | torch.Tensor, support: torch.Tensor,
