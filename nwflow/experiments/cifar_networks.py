@@ -64,7 +64,7 @@ __all__ = ["PRESETS", "preset", "result_path", "weights_path", "training_config"
            "load_weights", "run_experiment", "plot_results", "main"]
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "smoke": dict(n_list=[10, 100], n_efm=100, efm_m=[16], steps=20, batch=16, unet_base=8,
+    "smoke": dict(n_list=[10, 100], n_efm=100, efm_m=[16], steps=12, batch=16, unet_base=8,
                   unet_mults=[1, 2], clf_train=500, net_epochs=1, test_limit=100, n_generated=32,
                   err_pairs=16, err_times=[0.05, 0.2, 0.5, 0.9], taus=[0.0, 0.5, 1.0], ode_steps=10),
     "cpu": dict(n_list=[10, 100, 1000], n_efm=1000, efm_m=[128, 256, 1000], steps=1000, batch=64, lr=1e-3,
