@@ -19,8 +19,9 @@ Algorithm 2) at one n; then, for every model, from the same noise:
 
 Presets: ``smoke`` (seconds: tests and the chapter's fast mode); ``cpu`` (what the chapter's
 committed results and weights come from: n in {10, 100, 1000}, EFM-128/256/1000 at n = 1000,
-small U-Nets of 1,000 steps, about 35 minutes on one CPU thread); ``gpu`` (n up to 50,000,
-wider U-Nets, more steps). Run it as
+small U-Nets of 1,000 steps at lr 1e-3; the committed run took 36 minutes on one CPU thread
+shared with other jobs, plus 3.5 minutes for the classifier); ``gpu`` (n up to 50,000, wider
+U-Nets, more steps; not yet run or timed on a GPU). Run it as
 
     python -m nwflow.experiments.cifar_networks --preset cpu
 
