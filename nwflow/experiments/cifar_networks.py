@@ -21,7 +21,8 @@ Presets: ``smoke`` (seconds: tests and the chapter's fast mode); ``cpu`` (what t
 committed results and weights come from: n in {10, 100, 1000}, EFM-128/256/1000 at n = 1000,
 small U-Nets of 1,000 steps at lr 1e-3; the committed run took 36 minutes on one CPU thread
 shared with other jobs, plus 3.5 minutes for the classifier); ``gpu`` (n up to 50,000, wider
-U-Nets, more steps; not yet run or timed on a GPU). Run it as
+U-Nets, 5,000 steps each, sized for 10 minutes from the flop count but not yet run or timed on
+a GPU). Run it as
 
     python -m nwflow.experiments.cifar_networks --preset cpu
 
@@ -73,7 +74,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                 n_generated=256, err_pairs=256,
                 err_times=[0.01, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.7, 0.9, 0.95],
                 taus=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0], ode_steps=40),
-    "gpu": dict(n_list=[10, 100, 1000, 10000, 50000], n_efm=50000, efm_m=[128, 256, 1000], steps=20000,
+    # Sized, not timed (no GPU was at hand): a base-64 U-Net step at batch 128 is 446 GFLOP
+    # forward and backward (torch's flop counter), a few ms on an H100/H200 with TF32
+    # convolutions; eight networks of 5,000 steps then take about 4-8 minutes of the 10.
+    "gpu": dict(n_list=[10, 100, 1000, 10000, 50000], n_efm=50000, efm_m=[128, 256, 1000], steps=5000,
                 batch=128, unet_base=64, unet_mults=[1, 2, 2], clf_train=50000, net_epochs=15,
                 test_limit=10000, n_generated=2048, err_pairs=512,
                 err_times=[0.01, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95],
