@@ -349,30 +349,6 @@ def long_tails(dtype):
     return X.to(dtype), x.to(dtype), tt
 
 
-def test_rows_with_few_kept_keys_are_summed_over_them_alone(monkeypatch):
-    """Rows whose tail cut keeps at most n / _GATHER_DIVISOR keys are summed over those alone
-    (one gathered block each), the others share one product; every row matches the reference.
-    (In float64 the cut sits at eps = 2e-16 and these rows keep nearly every key.)"""
-    import nwflow.empirical as empirical
-
-    X, x, tt = long_tails(torch.float32)
-    monkeypatch.setattr(empirical, "_GATHER_DIVISOR", 2)  # rows keeping <= 1,500 keys go alone
-    blocks = []
-    real = empirical.online_softmax
-
-    def counting(bs, **kw):
-        bs = list(bs)
-        blocks.extend((b.logits.shape[0], b.values.shape[0]) for b in bs if b.values is not None)
-        return real(bs, **kw)
-
-    monkeypatch.setattr(empirical, "online_softmax", counting)
-    u = EmpiricalField(X).velocity(x, tt)
-    assert worst_rel(u, reference(x, tt, X, 0.0)["u"]) <= 1e-5
-    alone = [k for rows, k in blocks if rows == 1]
-    assert len(alone) >= 3 and all(64 < k <= 1500 for k in alone)
-    assert any(rows > 1 and k == len(X) for rows, k in blocks)  # and the spread rows share one
-
-
 def test_rows_failing_the_test_are_rescued_by_their_exact_top_terms(monkeypatch):
     """With the tolerance lowered to 3e-6, float32 rows fail the a-priori test; a row whose
     weight sits on a few points passes once its 64 largest terms are weighed exactly (no float64
