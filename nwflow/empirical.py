@@ -53,7 +53,16 @@ from nwflow._checks import (
     check_sigma_min,
     check_support_layout,
 )
-from nwflow._precision import DEFAULT_CHUNK_BYTES, WIDE, WIDE_BYTES, chunk_rows, compute_dtype, exact_matmul
+from nwflow._precision import (
+    DEFAULT_CHUNK_BYTES,
+    REDUCED,
+    WIDE,
+    WIDE_BYTES,
+    chunk_rows,
+    compute_dtype,
+    exact_matmul,
+    reduced_dtype,
+)
 from nwflow._stream import Accumulated, Block, online_softmax
 
 __all__ = ["EmpiricalField", "posterior_weights", "posterior_mean", "velocity", "score",
@@ -109,6 +118,20 @@ class _Trail:
     logit_pos: torch.Tensor        # (B,) row of ``logits``, or -1
     logits: torch.Tensor | None    # (r, n) streamed l = <q, x^(i)> - a ||x^(i) - c||^2 (compute dtype)
     a: torch.Tensor                # (B,) float64: the a of the streamed logits
+
+
+@dataclass
+class _Record:
+    """The logits a pass hands to the next call's carried screen, in the streamed form
+    l_j = <q, x^(j)> - a ||x^(j) - c||^2 (compute dtype), and a bound on each row's error."""
+
+    logits: torch.Tensor  # (r, n)
+    slack: torch.Tensor   # (r,) float64
+
+    @classmethod
+    def empty(cls, rows: int, n: int, dtype: torch.dtype, device: torch.device) -> _Record:
+        return cls(torch.empty(rows, n, dtype=dtype, device=device),
+                   torch.empty(rows, dtype=WIDE, device=device))
 
 
 class _ExactOutput(torch.autograd.Function):
@@ -182,7 +205,8 @@ class EmpiricalField:
     _local = True
 
     def __init__(self, support: torch.Tensor, sigma_min: float = 0.0, chunk_size: int | None = None,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, screen: bool | None = None) -> None:
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, screen: bool | None = None,
+                 reduced_precision: bool | torch.dtype | None = None) -> None:
         check_support_layout(support)
         chunk_size = check_optional_positive_int(chunk_size, "chunk_size")
         chunk_bytes = check_positive_int(chunk_bytes, "chunk_bytes")
@@ -212,12 +236,34 @@ class EmpiricalField:
         if screen is not None and not isinstance(screen, bool):
             raise TypeError(f"screen must be None or a bool, got {type(screen).__name__}")
         self.screen = self.support.numel() >= SCREEN_FROM if screen is None else screen
+        self.reduced_precision = self._reduced_choice(reduced_precision)
+        # keys, 2^e_K, max ||K_j||, the largest norm of a key's flushable part
+        self._reduced: tuple[torch.Tensor, float, float, float] | None = None
+        self._reduced_count = 0
         self._trail: _Trail | None = None
         self._scalars: tuple[torch.Tensor, torch.Tensor, float, float] | None = None
         self._gram: torch.Tensor | None = None
         self._mean: torch.Tensor | None = None  # the support's mean in float64 (t = 0), on first use
         self._slots: dict[int, int] = {}
         self._scratch: torch.Tensor | None = None  # _gather's float64 work-space
+
+    def _reduced_choice(self, value: bool | torch.dtype | None) -> torch.dtype | None:
+        """The half dtype of the reduced-precision screen, or None (off)."""
+        # The bound needs D eps_32 well below 1 (fp32 sums of D products); images are far below.
+        fits = self.support.shape[1] * torch.finfo(torch.float32).eps < 0.25
+        if value is None:
+            return reduced_dtype(self.device) if fits and self.support.numel() >= SCREEN_FROM else None
+        if value is not False and not fits:
+            raise ValueError(f"reduced_precision: samples of {self.support.shape[1]} numbers are too long "
+                             "for a bounded fp32 accumulation (at most 2,000,000)")
+        if isinstance(value, bool):
+            return (reduced_dtype(self.device) or torch.bfloat16) if value else None
+        if isinstance(value, torch.dtype):
+            if value not in REDUCED:
+                raise ValueError(f"reduced_precision must be torch.bfloat16 or torch.float16, got {value}")
+            return value
+        raise TypeError("reduced_precision must be None, a bool or torch.bfloat16/torch.float16, got "
+                        f"{type(value).__name__}")
 
     def _centre(self) -> torch.Tensor:
         """A centre c (D,): the mean of at most 1024 support points spread evenly through the set
@@ -240,6 +286,11 @@ class EmpiricalField:
         """How many rows of the last call the carried screen answered (0 before any call, and
         always with ``screen=False``)."""
         return 0 if self._trail is None else int((self._trail.inner_pos >= 0).sum())
+
+    @property
+    def reduced_rows(self) -> int:
+        """How many rows of the last pass the reduced-precision screen answered (0 when it is off)."""
+        return self._reduced_count
 
     @property
     def n(self) -> int:
@@ -309,7 +360,7 @@ class EmpiricalField:
         return (keys @ q.T.contiguous()).T.addr_(a, norms, alpha=-1.0)
 
     def _blocks(self, q: torch.Tensor, a: torch.Tensor, values: bool, spread: bool,
-                record: torch.Tensor | None = None) -> Iterator[Block]:
+                record: _Record | None = None) -> Iterator[Block]:
         """The support in chunks, in the compute dtype, with its cached key norms (the logits
         copied into ``record`` (B, n) before the pass consumes them, when given)."""
         chunk = self._chunk(q.shape[0])
@@ -317,7 +368,7 @@ class EmpiricalField:
             X, norms = self.support[start:start + chunk], self.key_norms[start:start + chunk]
             logits = self._logits(q, a, X, norms)
             if record is not None:
-                record[:, start:start + chunk] = logits
+                record.logits[:, start:start + chunk] = logits
             yield Block(logits, X if values else None, scalars=norms if spread else None, start=start)
 
     def _wide_blocks(self, q: torch.Tensor, a: torch.Tensor, g: torch.Tensor | None = None,
@@ -404,7 +455,7 @@ class EmpiricalField:
                             torch.full((batch,), float(self.n), dtype=WIDE, device=self.device))]
 
     def _covered_first(self, q: torch.Tensor, a: torch.Tensor, error: torch.Tensor, neff: bool,
-                       spread: bool, record: torch.Tensor | None
+                       spread: bool, record: _Record | None
                        ) -> tuple[Accumulated, torch.Tensor, torch.Tensor, tuple | None, torch.Tensor]:
         """The pass of :meth:`_solve` when the (B, n) logits fit in one block: the covered rows
         are found from the logits first, and only the others are summed against the support.
@@ -431,7 +482,7 @@ class EmpiricalField:
         """
         logits = self._logits(q, a, self.support, self.key_norms)
         if record is not None:
-            record.copy_(logits)
+            record.logits.copy_(logits)
         # Up to SCREEN_MAX candidates, not CANDIDATES: a row redone from up to that many is
         # carried, so the screen can answer it at the next step of a trajectory.
         K = min(_accuracy.SCREEN_MAX, self.n)
@@ -475,9 +526,9 @@ class EmpiricalField:
     def _store(acc: Accumulated, rows: torch.Tensor, part: Accumulated) -> None:
         """Write a pass over some ``rows`` (r,) into the batch's sums."""
         for name in ("row_max", "total", "mean", "square", "scalar"):
-            value = getattr(part, name)
-            if value is not None:
-                getattr(acc, name)[rows] = value
+            value, into = getattr(part, name), getattr(acc, name)
+            if value is not None and into is not None:
+                into[rows] = value
 
     def _kept_blocks(self, logits: torch.Tensor, keys: torch.Tensor, spread: bool) -> Iterator[Block]:
         """The (r, n) ``logits`` and the support restricted to ``keys`` (u,), gathered in blocks of
@@ -488,16 +539,138 @@ class EmpiricalField:
             yield Block(logits[:, k], self.support[k], scalars=self.key_norms[k] if spread else None)
 
     def _solve(self, xf: torch.Tensor, tt: torch.Tensor, a: torch.Tensor | None = None,
-               b: torch.Tensor | None = None, record: torch.Tensor | None = None
+               b: torch.Tensor | None = None, record: _Record | None = None
                ) -> tuple[Accumulated, list[_Exact]]:
+        """The rows the reduced-precision screen answers, from their candidates in float64, and
+        the others by :meth:`_solve_full`: for y = (a m - b x) / c when ``a`` and ``b`` are given,
+        for n_eff otherwise; ``record`` receives each row's logits and their bound."""
+        neff, B = a is None, xf.shape[0]
+        self._reduced_count = 0
+        if self._local and B and bool((tt == 0).all()):
+            return self._uniform(B, neff)
+        hit = None
+        if self.reduced_precision is not None and self._local and B and self._chunk(B) >= self.n:
+            hit = self._reduced_screen(xf, tt)
+        if hit is None:
+            return self._solve_full(xf, tt, a, b, record)
+        rows, index, count, logits, slack = hit
+        self._reduced_count = rows.numel()
+        exact = [self._from_candidates(xf, tt, rows, index, count)]
+        if record is not None:
+            record.logits[rows], record.slack[rows] = logits, slack
+        one = xf.new_ones(B)
+        acc = Accumulated(row_max=xf.new_zeros(B), total=one, mean=None if neff else torch.zeros_like(xf),
+                          square=one.clone() if neff else None)
+        rest = torch.ones(B, dtype=torch.bool, device=self.device)
+        rest[rows] = False
+        rest = rest.nonzero().squeeze(1)
+        if rest.numel():
+            sub = None if record is None else _Record.empty(rest.numel(), self.n, self.dtype, self.device)
+            part, part_exact = self._solve_full(xf[rest], tt[rest], None if neff else a[rest],
+                                                None if neff else b[rest], sub)
+            self._store(acc, rest, part)
+            for e in part_exact:
+                e.rows = rest[e.rows]
+                exact.append(e)
+            if sub is not None:
+                record.logits[rest], record.slack[rest] = sub.logits, sub.slack
+        return acc, exact
+
+    def _reduced_keys(self) -> tuple[torch.Tensor, float, float, float]:
+        """The centred keys K_j = fl(x^(j) - c) scaled by a power of two 2^-e_K and rounded to the
+        reduced dtype (n, D), 2^e_K, a bound R on max_j ||K_j||, and the largest norm of a scaled
+        key's components below the half dtype's smallest normal (once per field; n D half
+        numbers of memory, built in cache-sized blocks).
+
+        R comes from the cached squared norms: the computed sum of D squares is within
+        gamma_{D+1} of the exact one (any order), and the square root and squaring add 2 eps.
+        """
+        if self._reduced is None:
+            D, eps = self.support.shape[1], torch.finfo(torch.float32).eps
+            gamma = (D + 1) * eps / (1.0 - (D + 1) * eps)  # below 1/3: checked at construction
+            key_max = math.sqrt(self._centred_max2 / (1.0 - gamma - 4.0 * eps))
+            key_scale = math.ldexp(1.0, math.frexp(key_max)[1]) if key_max > 0 else 1.0
+            keys = torch.empty(self.support.shape, dtype=self.reduced_precision, device=self.device)
+            budget = WIDE_BYTES if self.device.type != "cpu" else _CACHE_BYTES
+            rows = chunk_rows(budget, D * self.support.element_size())
+            small = 0.0
+            for s in range(0, self.n, rows):
+                # fl(x - c) in the compute dtype first (the bound's K_j), then the exact scaling,
+                # then the rounding to the half dtype (through fp32 at most: u + eps in the bound).
+                block = (self.support[s:s + rows] - self.center).mul_(1.0 / key_scale)
+                keys[s:s + rows] = block
+                small = max(small, float(_accuracy.small_part(block, self.reduced_precision).max()))
+            self._reduced = (keys, key_scale, key_max, small)
+        return self._reduced
+
+    def _reduced_screen(self, xf: torch.Tensor, tt: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """Rows whose kept keys the reduced-precision screen finds (r,), those keys (r, k) and
+        how many each keeps (r,), with their logits in the streamed form (r, n) and its bound (r,);
+        None when no row is answered.
+
+        One product in the half dtype gives every logit to within
+        :func:`nwflow._accuracy.reduced_logit_error`; a row keeps the keys
+        :func:`nwflow._accuracy.kept_keys` proves it needs at that slack (those left out weigh
+        less than eps e^-2 at any rounding within it), and if they are at most ``SCREEN_MAX``
+        its exact weights and mean come from them in float64. Part III, chapter 9.
+        """
+        q, a = self._scaled_query(xf, tt, self.dtype)
+        logits, slack, bound = self._reduced_logits(q, a)
+        K = min(_accuracy.SCREEN_MAX, self.n)
+        _, count = _accuracy.kept_keys(logits, slack, self.n, self._eps, K, _TAIL_CUT_REACH * K)
+        rows = ((count <= K) & torch.isfinite(slack) & (tt > 0)).nonzero().squeeze(1)
+        if not rows.numel():
+            return None
+        count = count[rows]
+        part = logits[rows]
+        index = torch.topk(part, int(count.max()), dim=1).indices
+        # The streamed form <q, x^(j)> - a ||x^(j) - c||^2: add <q, c>, and its rounding to the bound.
+        part.add_((q[rows].to(WIDE) @ self._center_wide).to(self.dtype)[:, None])
+        return rows, index, count, part, bound[rows]
+
+    def _reduced_logits(self, q: torch.Tensor, a: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """l~_j = <q, x^(j) - c> - a ||x^(j) - c||^2 from one product in the half dtype (B, n), a
+        transposed view; the bound on each row's error (B,)
+        (:func:`nwflow._accuracy.reduced_logit_error`); and the bound once <q, c> is added (the
+        streamed form)."""
+        low = self.reduced_precision
+        keys, key_scale, key_max, key_small = self._reduced_keys()
+        q_norm = torch.linalg.vector_norm(q.to(WIDE), dim=1)
+        # Per-row powers of two with ||q|| / 2^e_q in [1/2, 1): exact scalings.
+        q_scale = torch.ldexp(torch.ones_like(q_norm), torch.frexp(q_norm)[1])
+        q_s = q / q_scale[:, None].to(q.dtype)
+        q_small = _accuracy.small_part(q_s, low)
+        q_low = q_s.to(low)
+        product, rounded = None, True
+        if self.device.type == "cuda":
+            try:  # fp32 output where torch has it (no rounding of the products on output)
+                product, rounded = torch.mm(keys, q_low.T.contiguous(), out_dtype=torch.float32), False
+            except (RuntimeError, TypeError):
+                product = None
+        if product is None:
+            product = keys @ q_low.T.contiguous()
+        # (B, n) as a transposed view of the (n, B) block, as in _logits.
+        logits = product.T.to(self.dtype).mul_((q_scale * key_scale).to(self.dtype)[:, None])
+        logits.addr_(a, self.key_norms, alpha=-1.0)
+        a_w, D = a.to(WIDE), keys.shape[1]
+        c_norm = float(torch.linalg.vector_norm(self._center_wide))
+        slack, streamed = (_accuracy.reduced_logit_error(q_norm, a_w, key_max, q_scale, key_scale, D, low,
+                                                         rounded, q_small, key_small, center_norm=c)
+                           for c in (0.0, c_norm))
+        return logits, slack, streamed
+
+    def _solve_full(self, xf: torch.Tensor, tt: torch.Tensor, a: torch.Tensor | None = None,
+                    b: torch.Tensor | None = None, record: _Record | None = None
+                    ) -> tuple[Accumulated, list[_Exact]]:
         """The streamed pass plus the rows recomputed in float64: for y = (a m - b x) / c when
         ``a`` and ``b`` are given, for n_eff otherwise (which decides the accuracy test);
-        ``record`` receives the streamed logits."""
+        ``record`` receives the streamed logits and their bound."""
         neff = a is None
-        if self._local and xf.shape[0] and bool((tt == 0).all()):
-            return self._uniform(xf.shape[0], neff)
         q, a_q = self._scaled_query(xf, tt, self.dtype)
         error = _accuracy.logit_error_bound(q, a_q, self._eps, self._raw_max, self._centred_max2)
+        if record is not None:
+            record.slack.copy_(error)
         # Candidates are tracked once logits can be off by more than a few eps; the fallback test
         # runs on every fp32 result (its cost: one matrix-vector product).
         track = bool(_accuracy.tracks_candidates(error, self._eps).any())
@@ -704,7 +877,7 @@ class EmpiricalField:
         if rest.numel():
             part = rest.numel() < B
             xr, tr_, ar, br = (v[rest] for v in (xf, tt, a, b)) if part else (xf, tt, a, b)
-            record = torch.empty(rest.numel(), self.n, dtype=self.dtype, device=self.device)
+            record = _Record.empty(rest.numel(), self.n, self.dtype, self.device)
             acc, rest_exact = self._solve(xr, tr_, ar, br, record=record)
             if part:
                 mean[rest] = acc.mean
@@ -717,7 +890,7 @@ class EmpiricalField:
         return mean, exact
 
     def _next_trail(self, xf: torch.Tensor, xw: torch.Tensor, tt: torch.Tensor, exact: list[_Exact],
-                    hit: tuple | None, rest: torch.Tensor, record: torch.Tensor | None) -> _Trail:
+                    hit: tuple | None, rest: torch.Tensor, record: _Record | None) -> _Trail:
         """The trail of this call: its candidate means, and the bound on the inner products each
         carried row hands on (screened rows: theirs; rows of the full pass: from their logits,
         within logit_error_bound / f plus the rounding of q)."""
@@ -739,8 +912,8 @@ class EmpiricalField:
             inner_pos[hit[0]] = torch.arange(hit[0].numel(), device=dev)
             error[hit[0]] = hit[2]
         if record is not None:
-            q, a_q = self._scaled_query(xf[rest], tt[rest], self.dtype)
-            delta = _accuracy.logit_error_bound(q, a_q, self._eps, self._raw_max, self._centred_max2)
+            _, a_q = self._scaled_query(xf[rest], tt[rest], self.dtype)
+            delta = record.slack
             t = tt[rest]
             # q = fl(t (x - t c) / sigma^2): its rounding is relative to ||x - t c|| + t ||c||.
             size = (xw[rest] - t[:, None] * self._center_wide).norm(dim=1) + t * self._center_wide.norm()
@@ -750,8 +923,10 @@ class EmpiricalField:
             error[rest] = torch.where(t > 0, bound, torch.inf)
             a_rec[rest] = a_q.to(WIDE)
             carried[rest] &= t > 0
-        return _Trail(xw, tt, carried, mean, index, weights, error, inner_pos,
-                      None if hit is None else hit[1], logit_pos, record, a_rec)
+        inner = None if hit is None else hit[1]
+        logits = None if record is None else record.logits
+        return _Trail(xw, tt, carried, mean, index, weights, error, inner_pos, inner, logit_pos, logits,
+                      a_rec)
 
     # -- gradients in x --------------------------------------------------------------------
     def _covariance_product(self, xf: torch.Tensor, tt: torch.Tensor, m: torch.Tensor,
