@@ -108,24 +108,29 @@ def reduced_logit_error(q_norm: torch.Tensor, a: torch.Tensor, key_max: float, q
     l~_j = 2^{e_q + e_K} S~_j - a ||x^(j) - c||^2 is then within
 
     .. math:: s = 2^{e_q + e_K} E_s + 4 \epsilon (\|q\| (R_{\rm raw} + \|c\|) + a R_{\rm raw}^2)
+        + (D + 4) \tau_{32} (1 + a)
 
-    of the exact one, the last term the fp32 rounding of the scaling and subtraction (the
+    of the exact one, the middle term the fp32 rounding of the scaling and subtraction (the
     convention of :func:`logit_error_bound`), with ||c|| (``center_norm``) when <q, c> is added
-    to give the streamed form. Shapes: ``q_norm`` ||q||, ``a`` and ``q_small`` sigma_q (B,) float64,
+    to give the streamed form, the last what underflow can cost the fp32 squared norms (data
+    of size 1e-20 have squared norms below fp32's smallest normal). Shapes: ``q_norm`` ||q||,
+    ``a`` and ``q_small`` sigma_q (B,) float64,
     ``q_scale`` 2^{e_q} (B,); ``key_max`` R_raw = max_j ||K_j||, ``key_scale`` 2^{e_K} and
     ``key_small`` sigma_K. Part III, chapter 9.
     """
     finfo, eps = torch.finfo(low), torch.finfo(torch.float32).eps
     u, tau = finfo.eps / 2.0, finfo.smallest_normal
+    tiny32 = torch.finfo(torch.float32).smallest_normal
     gamma = dim * eps / (1.0 - dim * eps) if dim * eps < 0.5 else math.inf
     q, R = q_norm / q_scale, key_max / key_scale
     rho_q, rho_k = (u + eps) * q + q_small, (u + eps) * R + key_small
     size = (q + rho_q) * (R + rho_k)
-    e_s = rho_q * (R + rho_k) + q * rho_k + gamma * size + dim * torch.finfo(torch.float32).smallest_normal
+    e_s = rho_q * (R + rho_k) + q * rho_k + gamma * size + dim * tiny32
     if rounded_output:
         e_s = e_s + 2.0 * u * (1.0 + gamma) * size + tau
     return (q_scale * key_scale * e_s
-            + ERROR_FACTOR * eps * (q_norm * (key_max + center_norm) + a * key_max**2))
+            + ERROR_FACTOR * eps * (q_norm * (key_max + center_norm) + a * key_max**2)
+            + (dim + 4) * tiny32 * (1.0 + a))
 
 
 def small_part(v: torch.Tensor, low: torch.dtype) -> torch.Tensor:

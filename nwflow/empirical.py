@@ -548,12 +548,22 @@ class EmpiricalField:
         self._reduced_count = 0
         if self._local and B and bool((tt == 0).all()):
             return self._uniform(B, neff)
-        hit = None
-        if self.reduced_precision is not None and self._local and B and self._chunk(B) >= self.n:
-            hit = self._reduced_screen(xf, tt)
-        if hit is None:
+        # The screen needs whole rows of logits: in groups of rows whose (r, n) block fits the
+        # chunk budget, unless the caller fixed a smaller chunk of the support.
+        group = chunk_rows(self.chunk_bytes, self.n * self.support.element_size())
+        hits = []
+        if (self.reduced_precision is not None and self._local and B
+                and (self.chunk_size is None or self.chunk_size >= self.n)):
+            for s in range(0, B, group):
+                hit = self._reduced_screen(xf[s:s + group], tt[s:s + group])
+                if hit is not None:
+                    hits.append((hit[0] + s, *hit[1:]))
+        if not hits:
             return self._solve_full(xf, tt, a, b, record)
-        rows, index, count, logits, slack = hit
+        rows, count, slack = (torch.cat([h[i] for h in hits]) for i in (0, 2, 4))
+        k = max(h[1].shape[1] for h in hits)
+        index = torch.cat([torch.nn.functional.pad(h[1], (0, k - h[1].shape[1])) for h in hits])
+        logits = torch.cat([h[3] for h in hits]) if record is not None else None
         self._reduced_count = rows.numel()
         exact = [self._from_candidates(xf, tt, rows, index, count)]
         if record is not None:
