@@ -15,7 +15,8 @@ mkdir -p "$RESULTS"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 python -c "import torch; assert torch.cuda.is_available(), 'benchmarks/gpu_check.sh needs a CUDA device'"
 python -m pytest -q -p no:cacheprovider -k "cuda" --junitxml "$RESULTS/cuda-tests.xml" \
-  tests/test_empirical.py tests/test_attention.py tests/test_solvers.py tests/test_stream.py
+  tests/test_empirical.py tests/test_empirical_reduced.py tests/test_attention.py tests/test_solvers.py \
+  tests/test_stream.py
 python benchmarks/velocity.py --device cuda --configs 50000,3072,16 50000,3072,64 50000,3072,256 \
   --times 0.1 0.5 0.9 0.999 --out "$RESULTS/velocity-cuda.json"
 python benchmarks/trajectory.py --device cuda --batches 256 --steps 100 --out "$RESULTS/trajectory-cuda.json"

@@ -14,12 +14,15 @@ times compare like with like along the run, through the regimes the posterior go
   carried screen on (rows whose weight sits on a few candidates are screened from the
   previous step's trail);
 - ``field_full``: the same with ``screen=False``, the default (every step the full pass);
+- ``field_half_off``: ``field`` with ``reduced_precision=False``, only where the device's default
+  turns the reduced-precision screen on (CUDA), so that what it buys is measured in the same run;
 - ``two_gemm_pre``: logits by one ``addmm`` with cached key norms, ``softmax``, a second product;
 - ``sdpa_pre``: torch's ``scaled_dot_product_attention`` with the cached key norms as a mask.
 
 At ``--checks`` evenly spaced steps every method's result is compared with a float64
 EmpiricalField without the screen (max over rows of ||u - u64|| / ||u64||); ``screened_rows``
-counts the rows of each step the screen answered. Writes JSON with provenance (per-step
+counts the rows of each step the carried screen answered, ``reduced_rows`` those the
+reduced-precision screen answered. Writes JSON with provenance (per-step
 times and n_eff, totals, ratios ``field/two_gemm_pre`` and ``field/sdpa_pre``, errors) to
 ``benchmarks/out/`` (ignored by git). Data: ``NWFLOW_DATA_DIR`` or ``--root`` (see
 :func:`nwflow.data.load_cifar10`).
@@ -45,7 +48,6 @@ from nwflow.data import load_cifar10  # noqa: E402
 from nwflow.provenance import cpu_model, provenance  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
-METHODS = ("field", "field_full", "two_gemm_pre", "sdpa_pre")
 
 
 def support(args: argparse.Namespace) -> tuple[torch.Tensor, str]:
@@ -70,6 +72,10 @@ def run_batch(X: torch.Tensor, B: int, args: argparse.Namespace) -> dict:
     fns = {"field": lambda x, t: field.velocity(x, t), "field_full": lambda x, t: full.velocity(x, t),
            "two_gemm_pre": lambda x, t: two_gemm(x, t, X, norms),
            "sdpa_pre": lambda x, t: sdpa(x, t, X, norms)}
+    if field.reduced_precision is not None:
+        half_off = EmpiricalField(X, screen=True, reduced_precision=False)
+        fns["field_half_off"] = lambda x, t: half_off.velocity(x, t)
+    methods = tuple(fns)
     grid = torch.linspace(0.0, args.t1, args.steps + 1, dtype=torch.float64).tolist()
     checks = {round(i * (args.steps - 1) / max(args.checks - 1, 1)) for i in range(args.checks)}
     steps, errors = [], []
@@ -91,19 +97,19 @@ def run_batch(X: torch.Tensor, B: int, args: argparse.Namespace) -> dict:
                     err = float(((u.double() - ref).norm(dim=1) / ref.norm(dim=1)).max())
                     errors.append({"step": k, "t": t, "method": name, "max_rel_error": err})
             step["screened_rows"] = field.screened_rows
+            step["reduced_rows"] = field.reduced_rows
             step["median_n_eff"] = float(full.effective_neighbours(x, t).median())
             steps.append(step)
             x = x + (t_next - t) * u_field
             print(f"B={B} step {k + 1}/{args.steps} t={t:.3f} screened={step['screened_rows']} " + " ".join(
                 f"{m}={s * 1e3:.0f}ms" for m, s in step["time_s"].items()), flush=True)
-    totals = {m: sum(s["time_s"][m] for s in steps) for m in METHODS}
-    return {"B": B, "steps": steps, "totals_s": totals,
-            "ratios": {"field/two_gemm_pre": totals["field"] / totals["two_gemm_pre"],
-                       "field/sdpa_pre": totals["field"] / totals["sdpa_pre"],
-                       "field_full/two_gemm_pre": totals["field_full"] / totals["two_gemm_pre"],
-                       "field_full/sdpa_pre": totals["field_full"] / totals["sdpa_pre"]},
+    totals = {m: sum(s["time_s"][m] for s in steps) for m in methods}
+    ratios = {f"{m}/{ref}": totals[m] / totals[ref] for m in methods if m.startswith("field")
+              for ref in ("two_gemm_pre", "sdpa_pre")}
+    return {"B": B, "reduced_precision": str(field.reduced_precision), "steps": steps, "totals_s": totals,
+            "ratios": ratios,
             "errors": errors, "worst_error": {m: max(e["max_rel_error"] for e in errors if e["method"] == m)
-                                              for m in METHODS}}
+                                              for m in methods}}
 
 
 def main(argv: list[str] | None = None) -> dict:

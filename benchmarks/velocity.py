@@ -14,7 +14,10 @@ Methods, all computing u(x, t) = (m - x) / sigma_t with m the softmax-weighted s
 - ``cdist``: the naive one: squared ``torch.cdist`` distances to t X, softmax, mean.
 - ``nwflow``: :func:`nwflow.velocity` (builds its centre and key norms in the call).
 - ``field``: :meth:`nwflow.EmpiricalField.velocity` with the field built beforehand (``screen=False``:
-  one evaluation, nothing carried from the previous call).
+  one evaluation, nothing carried from the previous call), its reduced-precision screen as the
+  device's default (on for CUDA: fp16; off on a CPU without bf16 instructions); the JSON says which.
+- ``field_half_off``: the same with ``reduced_precision=False``, only where the default is on,
+  so that what the half-precision screen buys is measured in the same run.
 
 Times are medians over ``--repeats`` rounds; within a round the methods run one after the
 other in a rotating order, so a slow spell on a shared machine hits all of them. Ratios:
@@ -59,6 +62,7 @@ DEFAULT_CONFIGS = [(20000, 3072, 64), (50000, 3072, 16), (50000, 3072, 64), (500
                    (400000, 768, 16)]
 QUICK_CONFIGS = [(3000, 64, 8), (1000, 32, 4)]
 METHODS = ["two_gemm", "two_gemm_pre", "sdpa", "sdpa_pre", "cdist", "nwflow", "field"]
+HALF_OFF = "field_half_off"
 RATIOS = {"nwflow/two_gemm": ("nwflow", "two_gemm"), "field/two_gemm_pre": ("field", "two_gemm_pre"),
           "nwflow/sdpa": ("nwflow", "sdpa"), "field/sdpa_pre": ("field", "sdpa_pre"),
           "sdpa/two_gemm": ("sdpa", "two_gemm"), "cdist/two_gemm": ("cdist", "two_gemm")}
@@ -120,7 +124,7 @@ def method_fn(name: str, x: torch.Tensor, t: float, X: torch.Tensor,
         return lambda: cdist_softmax(x, t, X)
     if name == "nwflow":
         return lambda: nwflow.velocity(x, t, X)
-    if name == "field":
+    if name in ("field", HALF_OFF):
         return lambda: field.velocity(x, t)
     raise ValueError(f"unknown method {name!r}")
 
@@ -144,7 +148,8 @@ def _status_kib(field: str) -> int | None:
 def cpu_peak_child(name: str, n: int, D: int, B: int, t: float) -> dict[str, Any]:
     """Run one method once in this (fresh) process; return its extra peak RSS in bytes."""
     X, x = make_problem(n, D, B, t, torch.device("cpu"))
-    field = EmpiricalField(X, screen=False) if name == "field" else None  # as bench_config
+    field = (EmpiricalField(X, screen=False, reduced_precision=None if name == "field" else False)
+             if name in ("field", HALF_OFF) else None)  # as bench_config
     norms = torch.linalg.vector_norm(X, dim=1).square() if name.endswith("_pre") else None
     fn = method_fn(name, x, t, X, field, norms)
     rss_before = _status_kib("VmRSS")
@@ -190,17 +195,24 @@ def bench_config(n: int, D: int, B: int, t: float, device: torch.device, repeats
     # would be answered from the previous call's trail (benchmarks/trajectory.py measures that).
     field = EmpiricalField(X, screen=False)
     norms = torch.linalg.vector_norm(X, dim=1).square()
+    methods, ratios = list(METHODS), dict(RATIOS)
     fns = {m: method_fn(m, x, t, X, field, norms) for m in METHODS}
+    if field.reduced_precision is not None:
+        methods.append(HALF_OFF)
+        ratios[f"{HALF_OFF}/sdpa_pre"] = (HALF_OFF, "sdpa_pre")
+        ratios[f"field/{HALF_OFF}"] = ("field", HALF_OFF)
+        fns[HALF_OFF] = method_fn(HALF_OFF, x, t, X, EmpiricalField(X, screen=False, reduced_precision=False),
+                                  norms)
     with exact_matmul():  # the references run under the same (full fp32) precision
         outputs = {m: fn() for m, fn in fns.items()}
         for _ in range(warmup - 1):
             for fn in fns.values():
                 fn()
         sync(device)
-        times: dict[str, list[float]] = {m: [] for m in METHODS}
-        cpu_times: dict[str, list[float]] = {m: [] for m in METHODS}
+        times: dict[str, list[float]] = {m: [] for m in methods}
+        cpu_times: dict[str, list[float]] = {m: [] for m in methods}
         for r in range(repeats):
-            order = METHODS[r % len(METHODS):] + METHODS[:r % len(METHODS)]
+            order = methods[r % len(methods):] + methods[:r % len(methods)]
             for m in order:
                 sync(device)
                 start, cpu_start = time.perf_counter(), time.process_time()
@@ -223,10 +235,12 @@ def bench_config(n: int, D: int, B: int, t: float, device: torch.device, repeats
         "n": n, "D": D, "B": B, "t": t, "dtype": "float32",
         "support_bytes": X.numel() * X.element_size(),
         "chunk": field._chunk(B),
+        "reduced_precision": str(field.reduced_precision),
+        "reduced_rows": field.reduced_rows,
         "time_s": {m: {"median": med[m], "min": min(v), "all": v} for m, v in times.items()},
         "cpu_time_s": {m: {"median": cpu_med[m], "all": v} for m, v in cpu_times.items()},
-        "ratios": {k: med[a] / med[b] for k, (a, b) in RATIOS.items()},
-        "cpu_time_ratios": {k: cpu_med[a] / cpu_med[b] for k, (a, b) in RATIOS.items()},
+        "ratios": {k: med[a] / med[b] for k, (a, b) in ratios.items()},
+        "cpu_time_ratios": {k: cpu_med[a] / cpu_med[b] for k, (a, b) in ratios.items()},
         "max_rel_diff_vs_two_gemm": agreement,
         "max_rel_error_vs_float64": errors,
     }
@@ -236,7 +250,7 @@ def bench_config(n: int, D: int, B: int, t: float, device: torch.device, repeats
             result["peak_memory"] = {m: cuda_peak(fn, device) for m, fn in fns.items()}
         else:
             del X, x, field, norms, fns
-            result["peak_memory"] = {m: cpu_peak(m, n, D, B, t, threads) for m in METHODS}
+            result["peak_memory"] = {m: cpu_peak(m, n, D, B, t, threads) for m in methods}
     return result
 
 
@@ -287,13 +301,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             results.append(r)
             mem = r.get("peak_memory", {})
             print(f"n={n:>7} D={D:>5} B={B:>4} t={t:<5} "
-                  + " ".join(f"{m}={r['time_s'][m]['median'] * 1e3:8.2f}ms" for m in METHODS)
+                  + " ".join(f"{m}={v['median'] * 1e3:8.2f}ms" for m, v in r["time_s"].items())
                   + " | " + " ".join(f"{k}={v:.3f}" for k, v in r["ratios"].items())
                   + " | cpu-time " + " ".join(f"{k}={v:.3f}" for k, v in r["cpu_time_ratios"].items())
                   + " | error vs float64 "
                   + " ".join(f"{m}={e:.1e}" for m, e in r["max_rel_error_vs_float64"].items())
-                  + (" | extra peak MiB " + " ".join(f"{m}={mem[m]['extra_peak_bytes'] / 2**20:.0f}"
-                                                     for m in METHODS) if mem else ""),
+                  + (" | extra peak MiB " + " ".join(f"{m}={v['extra_peak_bytes'] / 2**20:.0f}"
+                                                     for m, v in mem.items()) if mem else ""),
                   flush=True)
     record = {
         "provenance": provenance(

@@ -226,3 +226,25 @@ def test_on_by_default_only_where_the_half_product_pays(monkeypatch):
     assert EmpiricalField(big).reduced_precision == torch.bfloat16
     # Small supports: a full pass costs little more than the screen's bookkeeping.
     assert EmpiricalField(big[:1000]).reduced_precision is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("low", LOW)
+def test_reduced_screen_on_cuda_matches_float64(low):
+    """On CUDA the product runs on tensor cores, with an fp32 output where torch offers one:
+    the bound, the rows answered and every output against float64 on the CPU."""
+    X, t, _ = CASES["far_from_origin"]
+    t = t.double()
+    x = queries(X, t, 8).float()
+    field = EmpiricalField(X.float().cuda(), reduced_precision=low, screen=False)
+    xf, tt = field._query(x.cuda(), t.cuda())
+    with exact_matmul():
+        q, a = field._scaled_query(xf, tt, field.dtype)
+        logits, slack, _ = field._reduced_logits(q, a)
+    err = (logits.double() - exact_centred_logits(field, xf, tt)).abs().amax(dim=1)
+    assert bool((err <= slack).all())
+    got = field.velocity(x.cuda(), t.cuda()).cpu().double()
+    assert field.reduced_rows > 0
+    want = EmpiricalField(X.float().double(), reduced_precision=False).velocity(x.double(), t)
+    assert float(((got - want).norm(dim=1) / want.norm(dim=1)).max()) <= 1e-5
+    assert EmpiricalField(X.float().cuda()).reduced_precision is None  # small: off by default
