@@ -30,8 +30,9 @@ How it is computed (what the tests check):
   (:func:`nwflow._accuracy.kept_keys`: the rest weigh less than eps e^-2), so collapsed rows
   skip the second product and the others share one product over the keys any of them keeps
   when those are few; a batch at t = 0 takes
-  no pass; along a trajectory the carried screen answers collapsed rows from the previous call
-  (the class docstring).
+  no pass; along a trajectory the carried screen answers collapsed rows from the previous call,
+  and where half-precision products are fast a screen in bf16/fp16 with a rigorous rounding
+  bound answers them before any float32 product (the class docstring).
 - Gradients in x: dm/dx = (t / sigma_t^2) Cov_w(X), so the outputs carry their exact
   vector-Jacobian product (one float64 pass for Cov_w(X) g); for gradients in t or the support
   use :class:`nwflow.attention.GaussianKernelAttention`, which autograd records.
@@ -160,12 +161,16 @@ class EmpiricalField:
         \quad m(x, t) = \sum_j w_j(x, t)\, x^{(j)}
 
     ``EmpiricalField(support, sigma_min=0.0, chunk_size=None, chunk_bytes=DEFAULT_CHUNK_BYTES,
-    screen=None)``: ``support`` (n, *S) floating tensor (images stay (C, H, W), flattened
-    internally; kept by reference when contiguous fp32/fp64); ``sigma_min`` in [0, 1);
-    ``chunk_size`` support points per streamed chunk (``None``: one chunk when the (B, n) logits
-    fit in ``chunk_bytes``); ``screen`` the carried screen below (``None``: on for a support of
-    at least ``SCREEN_FROM`` numbers n D, where it pays; ``True``/``False``: on/off). Results do
-    not depend on the chunking. Methods take ``x`` (B, *S) and
+    screen=None, reduced_precision=None)``: ``support`` (n, *S) floating tensor (images stay
+    (C, H, W), flattened internally; kept by reference when contiguous fp32/fp64); ``sigma_min``
+    in [0, 1); ``chunk_size`` support points per streamed chunk (``None``: one chunk when the
+    (B, n) logits fit in ``chunk_bytes``); ``screen`` the carried screen below (``None``: on for a
+    support of at least ``SCREEN_FROM`` numbers n D, where it pays; ``True``/``False``: on/off);
+    ``reduced_precision`` the reduced-precision screen below (``None``: on where a half-precision
+    product is fast, :func:`nwflow._precision.reduced_dtype`, for a support of at least
+    ``SCREEN_FROM`` numbers; ``False``: off; ``True``, ``torch.bfloat16`` or ``torch.float16``:
+    on, in that dtype; it costs n D half numbers of memory). Results do not depend on the
+    chunking, nor on either screen beyond the documented tolerance. Methods take ``x`` (B, *S) and
     ``t`` (a number, 0-d or (B,) tensor in [0, 1]): :meth:`posterior_weights` (B, n),
     :meth:`posterior_mean`, :meth:`velocity`, :meth:`score` (B, *S),
     :meth:`effective_neighbours` (B,). Reuse one field along a trajectory:
@@ -198,6 +203,14 @@ class EmpiricalField:
     Every other row takes the full pass, whose logits are kept to start the next call's carry
     (their bound: :func:`nwflow._accuracy.logit_error_bound`). A first call, a new batch size or
     a query off the previous span costs one small least-squares fit per row.
+
+    **The reduced-precision screen** (Part III, chapter 9, rule 3). Before the full pass, the
+    logits of every row come from one product in bf16 or fp16 (queries and centred keys scaled
+    by powers of two, accumulated in fp32), each within the a-priori bound of
+    :func:`nwflow._accuracy.reduced_logit_error`; a row whose kept keys at that slack are at most
+    ``SCREEN_MAX`` is answered from them in float64, the others take the full pass. It runs on
+    groups of rows whose (r, n) logits fit ``chunk_bytes``, and not when ``chunk_size`` is set
+    below n. Its logits and their bound start the next call's carry like the full pass's.
     """
 
     # The whole support lives in this process (a sharded field's spans ranks): what the carried
