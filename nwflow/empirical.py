@@ -76,8 +76,6 @@ Coefficients = Callable[[torch.Tensor], tuple[Scalar, Scalar, Scalar]]
 # Work-space of the key-norm pass on the CPU: small enough to stay in cache. At n = 50,000,
 # D = 3,072 (one thread) the pass takes 140 ms with 1 MiB blocks, 150 ms with 2 and 207 ms with 4.
 _CACHE_BYTES = 2**20
-# Data whose mean lies within this share of their rms radius are not centred (EmpiricalField._centre).
-_ORIGIN_SHARE = 0.25
 # The second product runs over the kept keys alone when they are at most this share of the
 # support (gathering them costs about three reads of their rows).
 _SPARSE_FRACTION = 0.25
@@ -282,25 +280,13 @@ class EmpiricalField:
 
     def _centre(self) -> torch.Tensor:
         """A centre c (D,): the mean of at most 1024 support points spread evenly through the set
-        (a strided view: no pass over the support), or 0 where that mean lies within
-        ``_ORIGIN_SHARE`` of their rms radius. Any c leaves the weights unchanged; c = 0 makes
-        the key norms plain ||x^(j)||^2, with no differences to form, and costs the error bound
-        at most a factor (1 + _ORIGIN_SHARE)^2."""
-        sample = self.support[::max(1, -(-len(self.support) // 1024))]
-        mean = sample.mean(dim=0)
-        radius2 = (sample - mean).square().sum(dim=1).mean()
-        if float(mean.square().sum()) <= _ORIGIN_SHARE**2 * float(radius2):
-            return torch.zeros_like(mean)
-        return mean
+        (a strided view: no pass over the support). Any c leaves the weights unchanged."""
+        return self.support[::max(1, -(-len(self.support) // 1024))].mean(dim=0)
 
     def _centre_and_norms(self) -> tuple[torch.Tensor, torch.Tensor]:
         """c and ||x^(j) - c||^2 (n,), differences taken explicitly block by block in a small
         (cache-sized on the CPU) work-space."""
         X, center = self.support, self._centre()
-        if not bool(center.any()):
-            # One read of the support (vector_norm forms no (n, D) temporary): half the time of
-            # the blocked differences at n = 50,000, D = 3,072 (54 ms against 125 ms, 2 threads).
-            return center, torch.linalg.vector_norm(X, dim=1).square_()
         budget = WIDE_BYTES if self.device.type != "cpu" else _CACHE_BYTES
         rows = chunk_rows(budget, X.shape[1] * X.element_size())
         norms = torch.empty(len(X), dtype=self.dtype, device=self.device)

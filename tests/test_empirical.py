@@ -722,20 +722,3 @@ def test_gradients_in_t_or_support_are_refused_with_a_pointer():
         nwflow.velocity(x, 0.5, X.clone().requires_grad_(True))
     with torch.no_grad():  # nothing to differentiate: the same inputs are fine
         nwflow.velocity(x, torch.tensor(0.5, requires_grad=True), X.clone().requires_grad_(True))
-
-
-def test_centre_is_zero_near_the_origin_and_the_mean_far_from_it():
-    """Data whose mean is small against their spread are not centred (the key norms are then
-    plain squared norms); data far from the origin are, and both give float64's velocity."""
-    g = torch.Generator().manual_seed(3)
-    X = torch.rand(700, 16, generator=g, dtype=torch.float64) * 2 - 1
-    x, t = torch.randn(5, 16, generator=g, dtype=torch.float64), 0.8
-    for data, centred in ((X, False), (X + 300.0, True), (X + 0.05, False)):
-        field = EmpiricalField(data.float())
-        assert bool(field.center.any()) == centred
-        want = torch.softmax(-torch.cdist(x + (data.mean(0) if centred else 0), t * data) ** 2
-                             / (2 * (1 - t) ** 2), dim=1) @ data
-        got = field.posterior_mean((x + (data.mean(0) if centred else 0)).float(), t).double()
-        assert float(((got - want).norm(dim=1) / want.norm(dim=1)).max()) < 1e-5
-        assert torch.allclose(field.key_norms.double(),
-                              (data.float().double() - field.center.double()).square().sum(1), rtol=1e-5)
