@@ -116,11 +116,12 @@ class ShardedField(EmpiricalField):
         """Number of support points over all ranks."""
         return self._n_total
 
-    def _centre(self) -> torch.Tensor:
-        """One centre for all ranks: the shards' centres weighted by their sizes."""
-        local = super()._centre().to(WIDE) * len(self.support)
-        dist.all_reduce(local, group=self.group)
-        return (local / self._n_total).to(self.dtype)
+    def _sample_moments(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The shards' sample sums added up, so that every rank picks the same centre."""
+        total, squares, count = super()._sample_moments()
+        sums = torch.cat([total, squares[None], torch.tensor([count], dtype=WIDE, device=self.device)])
+        dist.all_reduce(sums, group=self.group)
+        return sums[:-2], sums[-2], int(sums[-1])
 
     def _combine(self, acc: Accumulated) -> Accumulated:
         """The ranks' passes as one: maxima by MAX, rescaled sums by SUM, candidates by gathering."""

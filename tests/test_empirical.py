@@ -722,3 +722,44 @@ def test_gradients_in_t_or_support_are_refused_with_a_pointer():
         nwflow.velocity(x, 0.5, X.clone().requires_grad_(True))
     with torch.no_grad():  # nothing to differentiate: the same inputs are fine
         nwflow.velocity(x, torch.tensor(0.5, requires_grad=True), X.clone().requires_grad_(True))
+
+
+def test_centre_is_zero_near_the_origin_and_the_mean_far_from_it():
+    """Data whose mean is within 1/16 of their rms radius are not centred (the key norms are then
+    plain squared norms); data farther from the origin are, and all give float64's mean."""
+    g = torch.Generator().manual_seed(3)
+    X = torch.rand(2000, 16, generator=g, dtype=torch.float64) * 2 - 1
+    x, t = torch.randn(5, 16, generator=g, dtype=torch.float64), 0.8
+    for shift, centred in ((0.0, False), (0.05, True), (0.5, True), (300.0, True)):
+        data = X + shift
+        field = EmpiricalField(data.float())
+        # The rule re-derived: the strided sample's mean against its rms radius.
+        sample = data.float()[::2].double()
+        share = float(sample.mean(0).norm() / (sample - sample.mean(0)).square().sum(1).mean().sqrt())
+        assert (share > 1 / 16) == centred  # shares 0.035, 0.093, 0.87, ~1e2: none near 1/16
+        assert bool(field.center.any()) == centred
+        query = x + shift
+        want = torch.softmax(-torch.cdist(query, t * data) ** 2 / (2 * (1 - t) ** 2), dim=1) @ data
+        got = field.posterior_mean(query.float(), t).double()
+        assert float(((got - want).norm(dim=1) / want.norm(dim=1)).max()) < 1e-5
+        assert torch.allclose(field.key_norms.double(),
+                              (data.float().double() - field.center.double()).square().sum(1), rtol=1e-5)
+
+
+def test_float64_pass_in_blocks_that_do_not_divide_n(monkeypatch):
+    """Every row sent to the float64 pass, over 1,001 keys in blocks of 37 (its work-space reused
+    from block to block, the last block 2 rows), centred and not: float64's velocity."""
+    from nwflow import _accuracy
+
+    monkeypatch.setattr(_accuracy, "FALLBACK_TOL", 0.0)
+    monkeypatch.setattr(_accuracy, "REFINE_MAX", 0)
+    wide = _spy(monkeypatch, "_wide_pass")
+    X64, centres = mixture(1001, 7, seed=11)
+    x64, tt = queries(X64, centres, [0.2, 0.5], 0.0, per_t=2)  # 8 rows
+    for offset, centred in ((0.0, False), (40.0, True)):
+        X, x = (X64 - X64.mean(0) + offset).float(), (x64 - tt[:, None] * (X64.mean(0) - offset)).float()
+        field = EmpiricalField(X, chunk_bytes=8 * x.shape[0] * 37)
+        assert field._centred == centred
+        got = field.velocity(x, tt)
+        assert worst_rel(got, reference(x, tt, X, 0.0)["u"]) <= 1e-6
+    assert sum(wide) > 0
