@@ -36,19 +36,16 @@ import math
 
 import torch
 
-from nwflow._precision import WIDE
+from nwflow._precision import ERROR_FACTOR, WIDE
 
 __all__ = ["CANDIDATES", "FALLBACK_TOL", "OBSERVED", "OBSERVED_SAFETY", "SCREEN_MAX", "CARRY_SLACK",
            "REFINE_MAX",
            "logit_error_bound", "tracks_candidates", "covered", "refine", "observed_error", "relative_error",
            "span_fit", "sq_distances", "screen_margin", "tail_cut", "kept_keys", "screened", "exact_logits",
-           "top_corrected", "reduced_logit_error", "small_part"]
+           "top_corrected"]
 
 # Candidates per row kept for the exact refinement.
 CANDIDATES = 64
-# Safety factor on the rounding error of a logit (two vector products and a subtraction:
-# a few units of eps times the magnitudes involved).
-ERROR_FACTOR = 4.0
 # Rows whose logit error bound is below this many eps are accurate as streamed.
 REFINE_FROM = 16.0
 # An fp32 row whose estimated relative error exceeds this is recomputed in float64.
@@ -77,67 +74,6 @@ def logit_error_bound(q: torch.Tensor, a: torch.Tensor, eps: float, raw_max: flo
     """
     q_norm = torch.linalg.vector_norm(q, dim=1).to(WIDE)
     return ERROR_FACTOR * eps * (q_norm * raw_max + a.to(WIDE) * centred_max2)
-
-
-def reduced_logit_error(q_norm: torch.Tensor, a: torch.Tensor, key_max: float, q_scale: torch.Tensor,
-                        key_scale: float, dim: int, low: torch.dtype, rounded_output: bool,
-                        q_small: torch.Tensor, key_small: float, center_norm: float = 0.0) -> torch.Tensor:
-    r"""A-priori bound on each row's logit error in the reduced-precision screen, (B,) float64.
-
-    The screen forms S_j = <q, K_j> with K_j = fl(x^(j) - c) from q_s = q / 2^{e_q} (per row) and
-    K_s = K / 2^{e_K}, powers of two with ||q_s|| and max_j ||K_s|| below 1 (exact scalings: the
-    range of fp16 is no concern), each rounded to the half dtype ``low`` (through fp32 at most,
-    hence u + epsilon); the product accumulates in fp32. With u the unit roundoff of ``low``
-    (2^-8 bf16, 2^-11 fp16), tau its smallest normal, epsilon the fp32 machine epsilon (twice its
-    unit roundoff: truncating accumulators are covered too), gamma = D epsilon / (1 - D epsilon),
-    q = ||q_s||, R = max_j ||K_s,j||, and sigma_q, sigma_K the norms of the components below tau
-    (of q_s; the largest over the keys): a component that small may become subnormal or be
-    flushed to zero, and moves by at most its size, the others by u of theirs:
-
-    .. math::
-
-        \rho_q = (u + \epsilon) q + \sigma_q, \quad \rho_K = (u + \epsilon) R + \sigma_K,
-
-        |\tilde S_j - \langle q_s, K_{s,j}\rangle| \le E_s = \rho_q (R + \rho_K) + q \rho_K
-            + \gamma (q + \rho_q)(R + \rho_K) + D \tau_{32}
-            \;[+\, 2u (1 + \gamma)(q + \rho_q)(R + \rho_K) + \tau],
-
-    the bracket when the product is rounded to ``low`` on output (the first terms: rounded
-    inputs, by Cauchy-Schwarz; then any-order fp32 summation of the D exact products, each of
-    which may be flushed below fp32's smallest normal tau_32). The logit
-    l~_j = 2^{e_q + e_K} S~_j - a ||x^(j) - c||^2 is then within
-
-    .. math:: s = 2^{e_q + e_K} E_s + 4 \epsilon (\|q\| (R_{\rm raw} + \|c\|) + a R_{\rm raw}^2)
-        + (D + 4) \tau_{32} (1 + a)
-
-    of the exact one, the middle term the fp32 rounding of the scaling and subtraction (the
-    convention of :func:`logit_error_bound`), with ||c|| (``center_norm``) when <q, c> is added
-    to give the streamed form, the last what underflow can cost the fp32 squared norms (data
-    of size 1e-20 have squared norms below fp32's smallest normal). Shapes: ``q_norm`` ||q||,
-    ``a`` and ``q_small`` sigma_q (B,) float64,
-    ``q_scale`` 2^{e_q} (B,); ``key_max`` R_raw = max_j ||K_j||, ``key_scale`` 2^{e_K} and
-    ``key_small`` sigma_K. Part III, chapter 9.
-    """
-    finfo, eps = torch.finfo(low), torch.finfo(torch.float32).eps
-    u, tau = finfo.eps / 2.0, finfo.smallest_normal
-    tiny32 = torch.finfo(torch.float32).smallest_normal
-    gamma = dim * eps / (1.0 - dim * eps) if dim * eps < 0.5 else math.inf
-    q, R = q_norm / q_scale, key_max / key_scale
-    rho_q, rho_k = (u + eps) * q + q_small, (u + eps) * R + key_small
-    size = (q + rho_q) * (R + rho_k)
-    e_s = rho_q * (R + rho_k) + q * rho_k + gamma * size + dim * tiny32
-    if rounded_output:
-        e_s = e_s + 2.0 * u * (1.0 + gamma) * size + tau
-    return (q_scale * key_scale * e_s
-            + ERROR_FACTOR * eps * (q_norm * (key_max + center_norm) + a * key_max**2)
-            + (dim + 4) * tiny32 * (1.0 + a))
-
-
-def small_part(v: torch.Tensor, low: torch.dtype) -> torch.Tensor:
-    """The norm of each row's components of ``v`` (r, D) below the smallest normal of ``low``, (r,)
-    float64: the part that rounding to ``low`` may flush (:func:`reduced_logit_error`)."""
-    tiny = torch.finfo(low).smallest_normal
-    return torch.linalg.vector_norm(torch.where(v.abs() < tiny, v, 0.0).to(WIDE), dim=1)
 
 
 def tracks_candidates(error: torch.Tensor, eps: float) -> torch.Tensor:

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["WIDE", "DEFAULT_CHUNK_BYTES", "WIDE_BYTES", "REDUCED", "compute_dtype", "exact_matmul",
-           "chunk_rows", "reduced_dtype"]
+__all__ = ["WIDE", "DEFAULT_CHUNK_BYTES", "WIDE_BYTES", "REDUCED", "ERROR_FACTOR", "compute_dtype",
+           "exact_matmul", "chunk_rows", "reduced_dtype"]
 
 # float64 everywhere: the library runs on CPU and CUDA, both of which have it.
 WIDE = torch.float64
@@ -36,6 +36,10 @@ DEFAULT_CHUNK_BYTES = 256 * 2**20
 WIDE_BYTES = 32 * 2**20
 # The half dtypes the reduced-precision screen can use.
 REDUCED = (torch.bfloat16, torch.float16)
+# Safety factor on the rounding error of a logit formed in the compute dtype (two vector
+# products and a subtraction: a few units of eps times the magnitudes involved); the
+# convention of every logit bound (nwflow._accuracy, nwflow._reduced).
+ERROR_FACTOR = 4.0
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

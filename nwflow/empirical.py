@@ -56,6 +56,7 @@ from nwflow._checks import (
 )
 from nwflow._precision import (
     DEFAULT_CHUNK_BYTES,
+    ERROR_FACTOR,
     REDUCED,
     WIDE,
     WIDE_BYTES,
@@ -64,6 +65,7 @@ from nwflow._precision import (
     exact_matmul,
     reduced_dtype,
 )
+from nwflow._reduced import ReducedKeys
 from nwflow._stream import Accumulated, Block, online_softmax
 
 __all__ = ["EmpiricalField", "posterior_weights", "posterior_mean", "velocity", "score",
@@ -212,7 +214,7 @@ class EmpiricalField:
     **The reduced-precision screen** (Part III, chapter 9, rule 3). Before the full pass, the
     logits of every row come from one product in bf16 or fp16 (queries and centred keys scaled
     by powers of two, accumulated in fp32), each within the a-priori bound of
-    :func:`nwflow._accuracy.reduced_logit_error`; a row whose kept keys at that slack are at most
+    :func:`nwflow._reduced.logit_error`; a row whose kept keys at that slack are at most
     ``SCREEN_MAX`` is answered from them in float64, the others take the full pass. It runs on
     groups of rows whose (r, n) logits fit ``chunk_bytes``, and not when ``chunk_size`` is set
     below n. Its logits and their bound start the next call's carry like the full pass's.
@@ -257,7 +259,7 @@ class EmpiricalField:
         self.screen = self.support.numel() >= SCREEN_FROM if screen is None else screen
         self.reduced_precision = self._reduced_choice(reduced_precision)
         # keys, 2^e_K, max ||K_j||, the largest norm of a key's flushable part
-        self._reduced: tuple[torch.Tensor, float, float, float] | None = None
+        self._reduced: ReducedKeys | None = None
         self._reduced_count = 0
         self._trail: _Trail | None = None
         self._scalars: tuple[torch.Tensor, torch.Tensor, float, float] | None = None
@@ -631,31 +633,12 @@ class EmpiricalField:
                 record.logits[rest], record.slack[rest] = sub.logits, sub.slack
         return acc, exact
 
-    def _reduced_keys(self) -> tuple[torch.Tensor, float, float, float]:
-        """The centred keys K_j = fl(x^(j) - c) scaled by a power of two 2^-e_K and rounded to the
-        reduced dtype (n, D), 2^e_K, a bound R on max_j ||K_j||, and the largest norm of a scaled
-        key's components below the half dtype's smallest normal (once per field; n D half
-        numbers of memory, built in cache-sized blocks).
-
-        R comes from the cached squared norms: the computed sum of D squares is within
-        gamma_{D+1} of the exact one (any order), and the square root and squaring add 2 eps.
-        """
+    def _reduced_keys(self) -> ReducedKeys:
+        """The support's keys rounded for the reduced-precision screen (once per field)."""
         if self._reduced is None:
-            D, eps = self.support.shape[1], torch.finfo(torch.float32).eps
-            gamma = (D + 1) * eps / (1.0 - (D + 1) * eps)  # below 1/3: checked at construction
-            key_max = math.sqrt(self._centred_max2 / (1.0 - gamma - 4.0 * eps))
-            key_scale = math.ldexp(1.0, math.frexp(key_max)[1]) if key_max > 0 else 1.0
-            keys = torch.empty(self.support.shape, dtype=self.reduced_precision, device=self.device)
             budget = WIDE_BYTES if self.device.type != "cpu" else _CACHE_BYTES
-            rows = chunk_rows(budget, D * self.support.element_size())
-            small = 0.0
-            for s in range(0, self.n, rows):
-                # fl(x - c) in the compute dtype first (the bound's K_j), then the exact scaling,
-                # then the rounding to the half dtype (through fp32 at most: u + eps in the bound).
-                block = (self.support[s:s + rows] - self.center).mul_(1.0 / key_scale)
-                keys[s:s + rows] = block
-                small = max(small, float(_accuracy.small_part(block, self.reduced_precision).max()))
-            self._reduced = (keys, key_scale, key_max, small)
+            self._reduced = ReducedKeys.build(self.support, self.center, self._centred_max2,
+                                              self.reduced_precision, budget)
         return self._reduced
 
     def _reduced_screen(self, xf: torch.Tensor, tt: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
@@ -664,7 +647,7 @@ class EmpiricalField:
         None when no row is answered.
 
         One product in the half dtype gives every logit to within
-        :func:`nwflow._accuracy.reduced_logit_error`; a row keeps the keys
+        :func:`nwflow._reduced.logit_error`; a row keeps the keys
         :func:`nwflow._accuracy.kept_keys` proves it needs at that slack (those left out weigh
         less than eps e^-2 at any rounding within it), and if they are at most ``SCREEN_MAX``
         its exact weights and mean come from them in float64. Part III, chapter 9.
@@ -685,35 +668,9 @@ class EmpiricalField:
 
     def _reduced_logits(self, q: torch.Tensor, a: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """l~_j = <q, x^(j) - c> - a ||x^(j) - c||^2 from one product in the half dtype (B, n), a
-        transposed view; the bound on each row's error (B,)
-        (:func:`nwflow._accuracy.reduced_logit_error`); and the bound once <q, c> is added (the
-        streamed form)."""
-        low = self.reduced_precision
-        keys, key_scale, key_max, key_small = self._reduced_keys()
-        q_norm = torch.linalg.vector_norm(q.to(WIDE), dim=1)
-        # Per-row powers of two with ||q|| / 2^e_q in [1/2, 1): exact scalings.
-        q_scale = torch.ldexp(torch.ones_like(q_norm), torch.frexp(q_norm)[1])
-        q_s = q / q_scale[:, None].to(q.dtype)
-        q_small = _accuracy.small_part(q_s, low)
-        q_low = q_s.to(low)
-        product, rounded = None, True
-        if self.device.type == "cuda":
-            try:  # fp32 output where torch has it (no rounding of the products on output)
-                product, rounded = torch.mm(keys, q_low.T.contiguous(), out_dtype=torch.float32), False
-            except (RuntimeError, TypeError):
-                product = None
-        if product is None:
-            product = keys @ q_low.T.contiguous()
-        # (B, n) as a transposed view of the (n, B) block, as in _logits.
-        logits = product.T.to(self.dtype).mul_((q_scale * key_scale).to(self.dtype)[:, None])
-        logits.addr_(a, self.key_norms, alpha=-1.0)
-        a_w, D = a.to(WIDE), keys.shape[1]
+        """The screen's logits (B, n), their bound and the streamed form's (:meth:`ReducedKeys.logits`)."""
         c_norm = float(torch.linalg.vector_norm(self._center_wide))
-        slack, streamed = (_accuracy.reduced_logit_error(q_norm, a_w, key_max, q_scale, key_scale, D, low,
-                                                         rounded, q_small, key_small, center_norm=c)
-                           for c in (0.0, c_norm))
-        return logits, slack, streamed
+        return self._reduced_keys().logits(q, a, self.key_norms, c_norm)
 
     def _solve_full(self, xf: torch.Tensor, tt: torch.Tensor, a: torch.Tensor | None = None,
                     b: torch.Tensor | None = None, record: _Record | None = None
@@ -851,7 +808,7 @@ class EmpiricalField:
         if direct:
             keep_w = w > 0
         left_out = (w * ~keep_w).sum(dim=1)
-        e_mean = raw2 * (left_out + (_accuracy.ERROR_FACTOR + 1.0) * self._eps + (w.shape[1] + 4) * tiny)
+        e_mean = raw2 * (left_out + (ERROR_FACTOR + 1.0) * self._eps + (w.shape[1] + 4) * tiny)
         error = (g0 * tr.error[rows] + g1 * e_mean + rho * raw
                  + 4.0 * tiny * raw * (g0 * x_prev.norm(dim=1) + g1 * m_prev.norm(dim=1)))
         go = fr * error <= _accuracy.CARRY_SLACK
@@ -973,7 +930,7 @@ class EmpiricalField:
             # q = fl(t (x - t c) / sigma^2): its rounding is relative to ||x - t c|| + t ||c||.
             size = (xw[rest] - t[:, None] * self._center_wide).norm(dim=1) + t * self._center_wide.norm()
             bound = (delta * self._sigma(t).square() / t
-                     + _accuracy.ERROR_FACTOR * self._eps * size * self._raw_max)
+                     + ERROR_FACTOR * self._eps * size * self._raw_max)
             logit_pos[rest] = torch.arange(rest.numel(), device=dev)
             error[rest] = torch.where(t > 0, bound, torch.inf)
             a_rec[rest] = a_q.to(WIDE)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nwflow import _accuracy, _precision
+from nwflow import _precision, _reduced
 from nwflow._precision import exact_matmul, reduced_dtype
 from nwflow.empirical import EmpiricalField
 
@@ -159,8 +159,8 @@ def test_a_shrunk_bound_is_caught(monkeypatch):
         return float(((got - ref).norm(dim=1) / ref.norm(dim=1)).max())
 
     assert err() <= 1e-9
-    honest = _accuracy.reduced_logit_error
-    monkeypatch.setattr(_accuracy, "reduced_logit_error", lambda *a, **k: honest(*a, **k) / 1e4)
+    honest = _reduced.logit_error
+    monkeypatch.setattr(_reduced, "logit_error", lambda *a, **k: honest(*a, **k) / 1e4)
     assert err() > 1e-3
 
 
