@@ -17,9 +17,10 @@ How it is computed (what the tests check):
 - Two matrix products per chunk of the support, never a (B, n, D) difference tensor; the
   chunks stream through the one online log-sum-exp (:mod:`nwflow._stream`), so results do not
   depend on the chunk size and memory is O(B D + B chunk).
-- Centring: ||x - t x^(j)|| = ||(x - t c) - t (x^(j) - c)|| for any c near the support mean, and
-  ||x - t c||^2 is constant in j, so l_j = (t <x - t c, x^(j)> - t^2 ||x^(j) - c||^2 / 2) / sigma_t^2:
-  smaller numbers when the data sit away from the origin.
+- Centring: ||x - t x^(j)|| = ||(x - t c) - t (x^(j) - c)|| for any c, and ||x - t c||^2 is
+  constant in j, so l_j = (t <x - t c, x^(j)> - t^2 ||x^(j) - c||^2 / 2) / sigma_t^2: with c near
+  the support mean, smaller numbers when the data sit away from the origin; c = 0 for data whose
+  mean is already near it (no differences to take).
 - Accuracy (:mod:`nwflow._accuracy`): rows whose weight provably sits on a few candidates are
   redone from them in float64; an fp32 row whose estimated error exceeds the tolerance gets its
   64 largest terms weighed exactly and is tested again on its tail alone, and if it still fails
