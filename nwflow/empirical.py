@@ -288,10 +288,13 @@ class EmpiricalField:
                         f"{type(value).__name__}")
 
     def _sample_moments(self) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Sums of x and of ||x||^2 (float64) over at most 1024 support points spread evenly
+        """Sums of x and of ||x||^2 (as float64) over at most 1024 support points spread evenly
         through the set (a strided view: no pass over the support), and their count."""
-        sample = self.support[::max(1, -(-len(self.support) // 1024))].to(WIDE)
-        return sample.sum(dim=0), sample.square().sum(), len(sample)
+        sample = self.support[::max(1, -(-len(self.support) // 1024))]
+        # Summed in the compute dtype (a centre need only be near the mean) and widened after:
+        # 2.5 ms at D = 3,072 where widening the sample first took 21 ms.
+        squares = torch.linalg.vector_norm(sample, dim=1).to(WIDE).square().sum()
+        return sample.sum(dim=0).to(WIDE), squares, len(sample)
 
     def _centre(self) -> torch.Tensor:
         """A centre c (D,): the sample mean of :meth:`_sample_moments`, or 0 where it lies within
