@@ -185,7 +185,7 @@ class EmpiricalField:
     ``integrate(field.velocity, x0, ...)``. Chapters 2 and 3.
 
     **The carried screen** (Part III, performance; measured in book/results/bench/trajectory_cpu.json:
-    on CIFAR-10 it answers every row from t of about 0.4, at a tenth (B = 64) to a fifth (B = 256)
+    on CIFAR-10 it answers every row from t of about 0.4, at an eighth (B = 64) to a sixth (B = 256)
     of a full pass). Along a
     trajectory each query is, up to a small residual, a combination of the previous query x'
     and the previous mean m' = sum_k w'_k x^(k) (an Euler step x + h u is exactly that), and
