@@ -259,8 +259,7 @@ class EmpiricalField:
             raise TypeError(f"screen must be None or a bool, got {type(screen).__name__}")
         self.screen = self.support.numel() >= SCREEN_FROM if screen is None else screen
         self.reduced_precision = self._reduced_choice(reduced_precision)
-        # keys, 2^e_K, max ||K_j||, the largest norm of a key's flushable part
-        self._reduced: ReducedKeys | None = None
+        self._reduced: ReducedKeys | None = None  # built on the screen's first use
         self._reduced_count = 0
         self._trail: _Trail | None = None
         self._scalars: tuple[torch.Tensor, torch.Tensor, float, float] | None = None
