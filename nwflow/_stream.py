@@ -23,12 +23,13 @@ how the keys are split into blocks, and memory is that of one block.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Block", "Accumulated", "online_softmax", "softmax_mean"]
+__all__ = ["Block", "Accumulated", "online_softmax", "kept_softmax", "softmax_mean"]
 
 
 @dataclass
@@ -141,3 +142,37 @@ def softmax_mean(logits: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     if logits.shape[-1] == 0:
         raise ValueError("logits has no keys (n = 0): the softmax needs at least one")
     return online_softmax([Block(logits.clone(), values.to(logits.dtype))]).mean
+
+
+def kept_softmax(logits: torch.Tensor, keep: torch.Tensor, values: torch.Tensor,
+                 scalars: torch.Tensor | None = None) -> Accumulated:
+    r"""The sums of :func:`online_softmax` over each row's own kept keys K_b, as one sparse product.
+
+    .. math::
+
+        M_b = \max_{j \in K_b} l_{bj}, \quad Z_b = \sum_{j \in K_b} e^{l_{bj} - M_b}, \quad
+        \bar v_b = \sum_{j \in K_b} w_{bj} v_j, \quad \bar s_b = \sum_{j \in K_b} w_{bj} s_j
+
+    The weights are a (B, n) CSR matrix with one entry per kept pair, so the value sum costs in
+    proportion to the kept pairs rather than to B n (the dense product's cost): where each row
+    keeps its own few per cent of the support, the rows share few keys and a product over their
+    union would be nearly dense. Shapes: ``logits`` (B, n), ``keep`` (B, n) bool with at least
+    one key per row, ``values`` (n, D), ``scalars`` (n,). Not differentiable. Part III, chapter 9.
+    """
+    B, n = logits.shape
+    row, col = keep.nonzero(as_tuple=True)       # row-major: the order CSR stores
+    picked = logits[row, col]
+    row_max = logits.new_full((B,), -torch.inf).scatter_reduce_(0, row, picked, "amax")
+    p = picked.sub_(row_max[row]).exp_()
+    total = logits.new_zeros(B).index_add_(0, row, p)
+    crow = torch.zeros(B + 1, dtype=row.dtype, device=row.device)
+    torch.cumsum(keep.sum(dim=1), 0, out=crow[1:])
+    with warnings.catch_warnings():
+        # torch flags CSR tensors as beta on construction; the one product used here is stable.
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        weights = torch.sparse_csr_tensor(crow, col, p, size=(B, n), check_invariants=False)
+    scalar = None
+    if scalars is not None:
+        scalar = logits.new_zeros(B).index_add_(0, row, p * scalars[col]).div_(total)
+    return Accumulated(row_max=row_max, total=total, mean=(weights @ values).div_(total[:, None]),
+                       scalar=scalar)

@@ -67,7 +67,7 @@ from nwflow._precision import (
     reduced_dtype,
 )
 from nwflow._reduced import ReducedKeys
-from nwflow._stream import Accumulated, Block, online_softmax
+from nwflow._stream import Accumulated, Block, kept_softmax, online_softmax
 
 __all__ = ["EmpiricalField", "posterior_weights", "posterior_mean", "velocity", "score",
            "effective_neighbours"]
@@ -87,6 +87,10 @@ _ORIGIN_SHARE = 1.0 / 16.0
 # The second product runs over the kept keys alone when they are at most this share of the
 # support (gathering them costs about three reads of their rows).
 _SPARSE_FRACTION = 0.25
+# A row sums over its own kept keys (one sparse product for all such rows) when they are at
+# most this share of the support: at 64 rows, n = 20,000, D = 3,072 the sparse product costs a
+# quarter of the dense one at 3% and more than it at 10% (each kept pair reads its key's row).
+_PAIR_FRACTION = 1.0 / 32.0
 # The tail cut runs on rows whose margin keeps at most this many times what would make them
 # covered (it was seen to keep up to three times fewer keys than the margin).
 _TAIL_CUT_REACH = 8
@@ -516,11 +520,13 @@ class EmpiricalField:
         Every row's keys are those :func:`nwflow._accuracy.kept_keys` proves it needs (the
         covering margin, or for the mean the a-posteriori tail cut where it could make a row
         cheaper; what is left out weighs less than eps e^-2 of the row, below the fp32 rounding of
-        the rest): a row that keeps at most ``SCREEN_MAX`` is covered; for the mean, the rest share
-        one product over the keys any of them keeps, gathered in blocks when those are at most
-        ``_SPARSE_FRACTION`` of the support. (Summing each row that keeps at most n / 32 keys over
-        its own, gathered, was measured no faster on two threads: 0.345 s against 0.329 s without
-        it at n = 20,000, t = 0.1, and 0.797 s against 0.798 s at n = 50,000; it is gone.)
+        the rest): a row that keeps at most ``SCREEN_MAX`` is covered; for the mean, a row that
+        keeps at most ``_PAIR_FRACTION`` of the support is summed over its own keys, all such rows
+        in one sparse product (:func:`nwflow._stream.kept_softmax`), and the rest share one
+        product over the keys any of them keeps, gathered in blocks when those are at most
+        ``_SPARSE_FRACTION`` of the support. (The sparse product of 64 rows keeping 1% / 3% of
+        n = 20,000 points of D = 3,072 took 11-14 / 42-52 ms on two threads, against 180-200 ms
+        for the dense product and 80 / 330 ms for the same sums over gathered copies of the keys.)
         Whether a row is covered follows from its count of kept keys, so only the covered rows'
         candidates are sorted out; the few rows whose top logits the accuracy policy later needs
         take them from the returned block.
@@ -536,9 +542,11 @@ class EmpiricalField:
         # Up to SCREEN_MAX candidates, not CANDIDATES: a row redone from up to that many is
         # carried, so the screen can answer it at the next step of a trajectory.
         K = min(_accuracy.SCREEN_MAX, self.n)
-        # The cut is worth its passes only for rows it could make covered.
+        # The cut is worth its passes only for rows it could make covered, or light enough for
+        # the sparse product (kept_softmax).
+        light = int(self.n * _PAIR_FRACTION)
         keep, count = _accuracy.kept_keys(logits, error, self.n, self._eps, self.n if neff else K,
-                                          _TAIL_CUT_REACH * K)
+                                          _TAIL_CUT_REACH * max(K, light))
         covered = (count <= K) & _accuracy.tracks_candidates(error, self._eps)
         B, D = logits.shape[0], self.support.shape[1]
         rows = covered.nonzero().squeeze(1)
@@ -553,12 +561,23 @@ class EmpiricalField:
                           square=logits.new_ones(B) if neff else None,
                           scalar=logits.new_zeros(B) if spread else None, top_logits=top, top_index=index)
         open_ = (~covered).nonzero().squeeze(1)
+        if neff:
+            if open_.numel():
+                part = logits[open_] if open_.numel() < B else logits.clone()
+                self._store(acc, open_, online_softmax([Block(part, None)], squares=True))
+            return acc, covered, count.where(covered, K), None, logits
         few = None
-        if open_.numel() and not neff:
-            if spread:
-                small = (count[open_] <= _accuracy.REFINE_MAX).nonzero().squeeze(1)
-                if small.numel():
-                    few = (open_[small], keep[open_[small]])
+        if spread:
+            small = (count[open_] <= _accuracy.REFINE_MAX).nonzero().squeeze(1)
+            if small.numel():
+                few = (open_[small], keep[open_[small]])
+        sparse = count[open_] <= light
+        if bool(sparse.any()):
+            rows = open_[sparse]
+            self._store(acc, rows, kept_softmax(logits[rows], keep[rows], self.support,
+                                                self.key_norms if spread else None))
+            open_ = open_[~sparse]
+        if open_.numel():
             keys = keep[open_].any(dim=0).nonzero().squeeze(1)
             # A copy: the pass consumes its logits, and the block is returned intact.
             part = logits[open_] if open_.numel() < B else logits.clone()
@@ -567,9 +586,6 @@ class EmpiricalField:
             else:
                 blocks = [Block(part, self.support, scalars=self.key_norms if spread else None)]
             self._store(acc, open_, online_softmax(blocks))
-        elif open_.numel():
-            part = logits[open_] if open_.numel() < B else logits.clone()
-            self._store(acc, open_, online_softmax([Block(part, None)], squares=True))
         return acc, covered, count.where(covered, K), few, logits
 
     @staticmethod

@@ -303,6 +303,43 @@ def test_value_product_runs_over_the_kept_keys(monkeypatch, dtype, tol, times):
     assert worst_rel(EmpiricalField(X).velocity(x, tt), u) <= tol and keys_summed[0] == len(X)
 
 
+@pytest.mark.parametrize("dtype,tol,times", [(torch.float32, 1e-5, [0.7, 0.75]),
+                                             (torch.float64, 1e-12, [0.75, 0.8])])
+def test_rows_keeping_few_keys_are_summed_over_their_own(monkeypatch, dtype, tol, times):
+    """Rows that keep at most _PAIR_FRACTION of the support (here their cluster of ~300 points,
+    lifted to a quarter of the support) are summed over their own kept keys in one sparse product
+    and still match the reference; with the share at 0 they take the shared product instead and
+    give the same answer."""
+    import nwflow.empirical as empirical
+
+    X64, centres = mixture(2400, 8, 0.0, seed=6)
+    x64, tt = queries(X64, centres, times, 0.0, per_t=1)
+    X, x = X64.to(dtype), x64.to(dtype)
+    sparse_rows, dense_rows = [], []
+    real_sparse, real_dense = empirical.kept_softmax, empirical.online_softmax
+
+    def counting_sparse(logits, keep, values, scalars=None):
+        sparse_rows.append(int(keep.shape[0]))
+        assert int(keep.sum(dim=1).max()) <= 600
+        return real_sparse(logits, keep, values, scalars)
+
+    def counting_dense(blocks, **kw):
+        blocks = list(blocks)
+        dense_rows.extend(b.logits.shape[0] for b in blocks if b.values is not None)
+        return real_dense(blocks, **kw)
+
+    monkeypatch.setattr(empirical, "kept_softmax", counting_sparse)
+    monkeypatch.setattr(empirical, "online_softmax", counting_dense)
+    monkeypatch.setattr(empirical, "_PAIR_FRACTION", 0.25)
+    ref = reference(x, tt, X, 0.0)
+    u = EmpiricalField(X).velocity(x, tt)
+    assert worst_rel(u, ref["u"]) <= tol
+    assert sparse_rows and not dense_rows  # every row not covered was light: none took the dense product
+    sparse_rows.clear()
+    monkeypatch.setattr(empirical, "_PAIR_FRACTION", 0.0)
+    assert worst_rel(EmpiricalField(X).velocity(x, tt), u) <= tol and not sparse_rows and dense_rows
+
+
 def test_rows_failing_the_test_with_few_keys_are_refined_not_redone(monkeypatch):
     """A float32 row that fails the accuracy test is redone in float64 from the keys its tail cut
     keeps when those are few, by a float64 pass over the support otherwise;

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from nwflow._stream import Block, online_softmax, softmax_mean
+from nwflow._stream import Block, kept_softmax, online_softmax, softmax_mean
 
 F64 = torch.float64
 
@@ -49,6 +49,35 @@ def test_fp32_logits_of_size_1e4_do_not_overflow():
     m = softmax_mean(logits.float(), V.float())
     assert m.dtype == torch.float32
     torch.testing.assert_close(m.double(), torch.softmax(logits, 1) @ V, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["rows", "transposed"])
+def test_kept_softmax_is_the_softmax_over_each_rows_own_keys(layout):
+    """Each row's sums over its kept keys alone, as the explicit softmax with the other logits at
+    -inf: rows keeping one key, all keys and a random share, from the engine's transposed (n, B)
+    block as well as a row-major one. A wrong row pointer or maximum would mix rows' weights."""
+    logits, V, _, s = _problem(B=6, n=53)
+    g = torch.Generator().manual_seed(4)
+    keep = torch.rand(6, 53, generator=g) < torch.tensor([0.0, 1.0, 0.1, 0.3, 0.6, 0.9])[:, None]
+    keep[0, 17] = True                        # a single key
+    keep[2, logits[2].argmax()] = True        # the row's best key among a few
+    keep[:, 0] |= ~keep.any(dim=1)
+    given = logits.T.contiguous().T if layout == "transposed" else logits
+    acc = kept_softmax(given.clone(), keep.T.contiguous().T if layout == "transposed" else keep, V, s)
+    masked = logits.masked_fill(~keep, -torch.inf)
+    w = torch.softmax(masked, dim=1)
+    torch.testing.assert_close(acc.mean, w @ V, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(acc.scalar, w @ s, rtol=1e-13, atol=0.0)
+    torch.testing.assert_close(acc.row_max, masked.amax(1), rtol=0.0, atol=0.0)
+    torch.testing.assert_close(acc.total, torch.exp(masked - masked.amax(1, keepdim=True)).sum(1),
+                               rtol=1e-14, atol=0.0)
+    torch.testing.assert_close(acc.mean[0], V[17], rtol=0.0, atol=0.0)
+    # The same sums as the dense pass when every key is kept, in float32 too.
+    everything = torch.ones_like(keep)
+    dense = online_softmax([Block(logits.float().clone(), V.float(), scalars=s.float())])
+    sparse = kept_softmax(logits.float(), everything, V.float(), s.float())
+    torch.testing.assert_close(sparse.mean, dense.mean, rtol=1e-5, atol=1e-6)
+    assert sparse.scalar is not None and kept_softmax(logits, keep, V).scalar is None
 
 
 def test_softmax_mean_leaves_its_input_and_checks_shapes():
