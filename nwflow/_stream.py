@@ -31,6 +31,9 @@ import torch
 
 __all__ = ["Block", "Accumulated", "online_softmax", "kept_softmax", "softmax_mean"]
 
+# The longest run of kept pairs that kept_softmax's sparse product sums in one sequence.
+RUN = 64
+
 
 @dataclass
 class Block:
@@ -153,26 +156,41 @@ def kept_softmax(logits: torch.Tensor, keep: torch.Tensor, values: torch.Tensor,
         M_b = \max_{j \in K_b} l_{bj}, \quad Z_b = \sum_{j \in K_b} e^{l_{bj} - M_b}, \quad
         \bar v_b = \sum_{j \in K_b} w_{bj} v_j, \quad \bar s_b = \sum_{j \in K_b} w_{bj} s_j
 
-    The weights are a (B, n) CSR matrix with one entry per kept pair, so the value sum costs in
+    The weights are a CSR matrix with one entry per kept pair, so the value sum costs in
     proportion to the kept pairs rather than to B n (the dense product's cost): where each row
     keeps its own few per cent of the support, the rows share few keys and a product over their
-    union would be nearly dense. Shapes: ``logits`` (B, n), ``keep`` (B, n) bool with at least
-    one key per row, ``values`` (n, D), ``scalars`` (n,). Not differentiable. Part III, chapter 9.
+    union would be nearly dense. A sparse product sums each of its rows in order, so a row's
+    pairs are split into runs of at most ``RUN`` (one CSR row each) and the runs added after:
+    no sum in the working precision is longer than RUN plus the number of runs (a row of 3,872
+    CIFAR-10 keys summed in one run was 30 times further from float64 than the dense product).
+    Z and the scalar sums are accumulated in float64. Shapes: ``logits`` (B, n), ``keep`` (B, n)
+    bool with at least one key per row, ``values`` (n, D), ``scalars`` (n,). Not differentiable.
+    Part III, chapter 9.
     """
     B, n = logits.shape
+    device, wide = logits.device, torch.float64
     row, col = keep.nonzero(as_tuple=True)       # row-major: the order CSR stores
     picked = logits[row, col]
     row_max = logits.new_full((B,), -torch.inf).scatter_reduce_(0, row, picked, "amax")
     p = picked.sub_(row_max[row]).exp_()
-    total = logits.new_zeros(B).index_add_(0, row, p)
-    crow = torch.zeros(B + 1, dtype=row.dtype, device=row.device)
-    torch.cumsum(keep.sum(dim=1), 0, out=crow[1:])
+    total = torch.zeros(B, dtype=wide, device=device).index_add_(0, row, p.to(wide))
+    count = keep.sum(dim=1)
+    runs = (count + RUN - 1) // RUN
+    pair = torch.arange(row.numel(), device=device)
+    run = (torch.cumsum(runs, 0) - runs)[row] + (pair - (torch.cumsum(count, 0) - count)[row]) // RUN
+    crow = torch.zeros(int(runs.sum()) + 1, dtype=row.dtype, device=device)
+    torch.cumsum(torch.bincount(run, minlength=crow.numel() - 1), 0, out=crow[1:])
     with warnings.catch_warnings():
         # torch flags CSR tensors as beta on construction; the one product used here is stable.
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        weights = torch.sparse_csr_tensor(crow, col, p, size=(B, n), check_invariants=False)
+        weights = torch.sparse_csr_tensor(crow, col, p, size=(crow.numel() - 1, n), check_invariants=False)
+    owner = torch.repeat_interleave(torch.arange(B, device=device), runs)
+    mean = torch.zeros(B, values.shape[1], dtype=values.dtype, device=device)
+    mean.index_add_(0, owner, weights @ values)
     scalar = None
     if scalars is not None:
-        scalar = logits.new_zeros(B).index_add_(0, row, p * scalars[col]).div_(total)
-    return Accumulated(row_max=row_max, total=total, mean=(weights @ values).div_(total[:, None]),
-                       scalar=scalar)
+        spread = p.to(wide) * scalars[col].to(wide)
+        scalar = torch.zeros(B, dtype=wide, device=device).index_add_(0, row, spread)
+        scalar = scalar.div_(total).to(logits.dtype)
+    return Accumulated(row_max=row_max, total=total.to(logits.dtype),
+                       mean=mean.div_(total.to(logits.dtype)[:, None]), scalar=scalar)

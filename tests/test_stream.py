@@ -80,6 +80,30 @@ def test_kept_softmax_is_the_softmax_over_each_rows_own_keys(layout):
     assert sparse.scalar is not None and kept_softmax(logits, keep, V).scalar is None
 
 
+def test_kept_softmax_sums_in_short_runs(monkeypatch):
+    """Rows keeping thousands of keys, values far from the origin, in float32: summed in runs of
+    at most RUN, the mean is as close to float64 as the dense product's; summed in one run per
+    row (RUN beyond n) the rounding of the long sequential sums is several times larger."""
+    import nwflow._stream as stream
+
+    g = torch.Generator().manual_seed(9)
+    logits = torch.randn(8, 6000, generator=g, dtype=F64)
+    V = 100.0 + torch.rand(6000, 16, generator=g, dtype=F64)
+    keep = torch.rand(8, 6000, generator=g) < 0.8
+    want = torch.softmax(logits.masked_fill(~keep, -torch.inf), dim=1) @ V
+    l32, V32 = logits.float(), V.float()
+
+    def error(mean):
+        return float(((mean.double() - want).norm(dim=1) / want.norm(dim=1)).max())
+
+    dense = error(online_softmax([Block(l32.masked_fill(~keep, -torch.inf), V32)]).mean)
+    short = error(kept_softmax(l32, keep, V32).mean)
+    monkeypatch.setattr(stream, "RUN", 10**6)
+    long = error(kept_softmax(l32, keep, V32).mean)
+    eps = torch.finfo(torch.float32).eps
+    assert short <= max(4 * dense, 4 * eps) and long > 4 * short, (dense, short, long)
+
+
 def test_softmax_mean_leaves_its_input_and_checks_shapes():
     logits, V, _, _ = _problem()
     kept = logits.clone()
