@@ -27,6 +27,14 @@ times and (``cpu_time_ratios``) from the process's CPU time, which on a shared m
 tracks the work done better than the wall clock (with one thread it is the work; with
 several it also counts threads waiting at barriers).
 
+``paired_ratios`` take the ratio within each round first (the two methods of a ratio run back
+to back, see ``METHODS``) and report its median over the rounds with a distribution-free
+interval for that median (order statistics of the binomial, at least 95% coverage; with 7
+rounds it is the smallest and largest ratio). A spell that slows one round slows both calls
+of its pair, so the paired median is the steadier estimate on a shared machine: with 7
+rounds the ratio of medians was seen 0.14 above it, when a spell caught the two medians
+in different rounds.
+
 Peak memory is the extra peak over what is held before the call (support, queries, field):
 on CUDA ``torch.cuda.max_memory_allocated`` after a reset; on the CPU each method runs once
 in a fresh subprocess that resets the kernel's peak-RSS counter (``/proc/self/clear_refs``)
@@ -40,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import statistics
 import subprocess
@@ -61,7 +70,9 @@ ROOT = Path(__file__).resolve().parent
 DEFAULT_CONFIGS = [(20000, 3072, 64), (50000, 3072, 16), (50000, 3072, 64), (50000, 3072, 256),
                    (400000, 768, 16)]
 QUICK_CONFIGS = [(3000, 64, 8), (1000, 32, 4)]
-METHODS = ["two_gemm", "two_gemm_pre", "sdpa", "sdpa_pre", "cdist", "nwflow", "field"]
+# The rotation's cycle: each ratio's two methods run one after the other (sdpa / two_gemm two
+# apart), so that the per-round ratio compares calls made under the same load.
+METHODS = ["two_gemm_pre", "field", "sdpa_pre", "sdpa", "nwflow", "two_gemm", "cdist"]
 HALF_OFF = "field_half_off"
 RATIOS = {"nwflow/two_gemm": ("nwflow", "two_gemm"), "field/two_gemm_pre": ("field", "two_gemm_pre"),
           "nwflow/sdpa": ("nwflow", "sdpa"), "field/sdpa_pre": ("field", "sdpa_pre"),
@@ -241,6 +252,9 @@ def bench_config(n: int, D: int, B: int, t: float, device: torch.device, repeats
         "cpu_time_s": {m: {"median": cpu_med[m], "all": v} for m, v in cpu_times.items()},
         "ratios": {k: med[a] / med[b] for k, (a, b) in ratios.items()},
         "cpu_time_ratios": {k: cpu_med[a] / cpu_med[b] for k, (a, b) in ratios.items()},
+        "paired_ratios": {k: dict(zip(("median", "low", "high"), median_interval(
+            [ta / tb for ta, tb in zip(times[a], times[b], strict=True)]), strict=True))
+            for k, (a, b) in ratios.items()},
         "max_rel_diff_vs_two_gemm": agreement,
         "max_rel_error_vs_float64": errors,
     }
@@ -252,6 +266,20 @@ def bench_config(n: int, D: int, B: int, t: float, device: torch.device, repeats
             del X, x, field, norms, fns
             result["peak_memory"] = {m: cpu_peak(m, n, D, B, t, threads) for m in methods}
     return result
+
+
+def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """The median of ``values`` and a distribution-free interval for it: the order statistics
+    x_(j) and x_(R + 1 - j) with the largest j such that P(Binomial(R, 1/2) < j) <= (1 - level) / 2,
+    which covers the median with probability at least ``level`` (j = 1 when R is too small)."""
+    xs, R = sorted(values), len(values)
+    tail, j, below = (1.0 - level) / 2.0, 1, 0.0
+    while j < (R + 1) // 2:
+        below += math.comb(R, j - 1) / 2.0**R       # P(X <= j - 1)
+        if below + math.comb(R, j) / 2.0**R > tail:  # P(X <= j) too large: stop at j
+            break
+        j += 1
+    return statistics.median(xs), xs[j - 1], xs[R - j]
 
 
 def parse_config(text: str) -> tuple[int, int, int]:
@@ -304,6 +332,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   + " ".join(f"{m}={v['median'] * 1e3:8.2f}ms" for m, v in r["time_s"].items())
                   + " | " + " ".join(f"{k}={v:.3f}" for k, v in r["ratios"].items())
                   + " | cpu-time " + " ".join(f"{k}={v:.3f}" for k, v in r["cpu_time_ratios"].items())
+                  + " | paired " + " ".join(f"{k}={v['median']:.3f} [{v['low']:.3f}, {v['high']:.3f}]"
+                                            for k, v in r["paired_ratios"].items())
                   + " | error vs float64 "
                   + " ".join(f"{m}={e:.1e}" for m, e in r["max_rel_error_vs_float64"].items())
                   + (" | extra peak MiB " + " ".join(f"{m}={v['extra_peak_bytes'] / 2**20:.0f}"
@@ -318,6 +348,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "threads": args.threads,
         "methods": METHODS,
         "ratio_definitions": {k: f"median {a} / median {b}" for k, (a, b) in RATIOS.items()},
+        "paired_ratio_definitions": {k: f"median over rounds of {a} / {b} in the same round, with an "
+                                     "order-statistic interval of at least 95% coverage"
+                                     for k, (a, b) in RATIOS.items()},
         "results": results,
     }
     stamp = time.strftime("%Y%m%d-%H%M%S")

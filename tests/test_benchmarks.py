@@ -46,7 +46,37 @@ def test_quick_run_writes_json(tmp_path):
         assert set(r["ratios"]) == set(r["cpu_time_ratios"]) == set(record["ratio_definitions"])
         assert r["ratios"]["field/two_gemm_pre"] == pytest.approx(
             r["time_s"]["field"]["median"] / r["time_s"]["two_gemm_pre"]["median"])
+        # the paired ratio: per round first, then the median over the rounds (3 here: min and max bound it)
+        times = r["time_s"]
+        per_round = [a / b for a, b in zip(times["field"]["all"], times["sdpa_pre"]["all"], strict=True)]
+        assert r["paired_ratios"]["field/sdpa_pre"] == pytest.approx(
+            {"median": sorted(per_round)[1], "low": min(per_round), "high": max(per_round)})
+        assert set(r["paired_ratios"]) == set(record["paired_ratio_definitions"]) == set(r["ratios"])
         assert "peak_memory" not in r  # --no-memory
+
+
+def test_median_interval_is_the_binomial_order_statistic_interval():
+    """The interval's coverage, computed here from the binomial, is at least 95% and one step
+    narrower would fall below it (R = 15: the 4th and 12th of 15, 96.5%); with few rounds it is
+    the whole range."""
+    import math
+
+    spec = importlib.util.spec_from_file_location("bench_velocity", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    def coverage(R, j):  # P(x_(j) <= median <= x_(R + 1 - j)) = 1 - 2 P(Binomial(R, 1/2) < j)
+        return 1.0 - 2.0 * sum(math.comb(R, i) for i in range(j)) / 2.0**R
+
+    for R in (3, 7, 9, 15, 20, 31):
+        values = [float(v) for v in range(R, 0, -1)]        # R, ..., 1: sorted inside
+        median, low, high = bench.median_interval(values)
+        j = int(low)                                        # value k is the k-th order statistic
+        assert median == (R + 1) / 2 and high == R + 1 - j
+        if coverage(R, 1) < 0.95:                           # too few rounds: the whole range
+            assert j == 1, R
+        else:
+            assert coverage(R, j) >= 0.95 > coverage(R, j + 1), (R, j)
+    assert bench.median_interval([float(v) for v in range(1, 16)])[1:] == (4.0, 12.0)
 
 
 def test_cpu_peak_memory_of_one_method():
