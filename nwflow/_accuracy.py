@@ -41,7 +41,8 @@ from nwflow._precision import ERROR_FACTOR, WIDE
 __all__ = ["CANDIDATES", "FALLBACK_TOL", "OBSERVED", "OBSERVED_SAFETY", "SCREEN_MAX", "CARRY_SLACK",
            "REFINE_MAX",
            "logit_error_bound", "tracks_candidates", "covered", "refine", "observed_error", "relative_error",
-           "span_fit", "sq_distances", "screen_margin", "tail_cut", "kept_keys", "screened", "exact_logits",
+           "span_fit", "sq_distances", "screen_margin", "tail_cut", "kept_keys", "screened", "carried_floor",
+           "exact_logits",
            "top_corrected"]
 
 # Candidates per row kept for the exact refinement.
@@ -295,6 +296,29 @@ def kept_keys(logits: torch.Tensor, slack: torch.Tensor, n: int, eps: float, low
         keep[rows] = tail_cut(logits[rows], slack[rows], eps)
         count[rows] = keep[rows].sum(dim=1, dtype=count.dtype)
     return keep, count
+
+
+def carried_floor(previous: torch.Tensor, mu: torch.Tensor, residual: torch.Tensor, reach: torch.Tensor,
+                  rounding: torch.Tensor) -> torch.Tensor:
+    r"""A lower bound on min_{i not in C} Gamma_i(y) off the candidates C, carried from the previous
+    query's bound F' (the floor screen of :class:`nwflow.EmpiricalField`), (r,).
+
+    .. math::
+
+        \Gamma_i(y) = \|y - x^{(i)}\|^2 - \|y - x^{(b)}\|^2, \qquad
+        y - x^{(b)} = \mu (y' - x^{(b)}) + r,\; 0 \le \mu \le 1
+
+        \Rightarrow\; \Gamma_i(y) = \mu \Gamma_i(y') + (1 - \mu) \|x^{(b)} - x^{(i)}\|^2
+            - 2 \langle r, x^{(i)} - x^{(b)}angle
+            \ge \mu F' - 2 \|r\| \max_i \|x^{(i)} - x^{(b)}\| - \delta = F,
+
+    since Gamma_i is affine in y. ``reach`` bounds max_i ||x^(i) - x^(b)||, ``rounding`` delta
+    covers the float64 rounding of y and r; an infinite F' (every key a candidate) stays so.
+    Shapes: all (r,), float64. Part III, chapter 9.
+    """
+    tiny = torch.finfo(WIDE).eps
+    return torch.where(torch.isinf(previous), previous,
+                       mu * previous * (1.0 - 8.0 * tiny) - 2.0 * reach * residual - rounding)
 
 
 def screened(logits: torch.Tensor, slack: torch.Tensor, n: int, eps: float, limit: int) -> torch.Tensor:

@@ -110,6 +110,7 @@ class _Exact:
     neff: torch.Tensor | None            # (r,); None where only the mean was asked for
     index: torch.Tensor | None = None    # (r, k) candidate support indices
     weights: torch.Tensor | None = None  # (r, k) their exact weights; the rest are below eps
+    count: torch.Tensor | None = None    # (r,) how many of the k each row keeps (the rest pad)
 
 
 @dataclass
@@ -131,6 +132,10 @@ class _Trail:
     logit_pos: torch.Tensor        # (B,) row of ``logits``, or -1
     logits: torch.Tensor | None    # (r, n) streamed l = <q, x^(i)> - a ||x^(i) - c||^2 (compute dtype)
     a: torch.Tensor                # (B,) float64: the a of the streamed logits
+    count: torch.Tensor            # (B,) how many of ``index`` each row keeps
+    floor: torch.Tensor            # (B,) float64 bound below Gamma_i(x / t) off the candidates, or -inf
+    ref: torch.Tensor              # (B,) the candidate b that Gamma is measured from
+    screened: torch.Tensor         # (B,) bool: answered by a carried screen
 
 
 @dataclass
@@ -333,7 +338,7 @@ class EmpiricalField:
     def screened_rows(self) -> int:
         """How many rows of the last call the carried screen answered (0 before any call, and
         always with ``screen=False``)."""
-        return 0 if self._trail is None else int((self._trail.inner_pos >= 0).sum())
+        return 0 if self._trail is None else int(self._trail.screened.sum())
 
     @property
     def reduced_rows(self) -> int:
@@ -470,7 +475,8 @@ class EmpiricalField:
             mean[at], neff[at], weights[at, :k] = _accuracy.refine(xf[rr].to(WIDE), tt[rr], self._gather(idx),
                                                                    self._sigma(tt[rr]))
             kept[at, :k] = idx
-        return _Exact(rows, mean, neff, kept, weights)
+        sizes = count if count is not None else torch.full((r,), index.shape[1], device=self.device)
+        return _Exact(rows, mean, neff, kept, weights, sizes.to(torch.long))
 
     def _wide_pass(self, xf: torch.Tensor, tt: torch.Tensor, rows: torch.Tensor) -> _Exact:
         """The whole streamed computation for ``rows`` in float64 (weights spread too widely
@@ -810,17 +816,20 @@ class EmpiricalField:
             self._gram = torch.empty(cap, self.n, dtype=self.dtype, device=self.device)
         return keys.numel() <= self._gram.shape[0]
 
-    def _screen(self, xw: torch.Tensor, tt: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """Rows of this batch screened from the previous call's trail: (rows (h,), their inner
-        products <x, x^(i)> (h, n) float64, the bound on those (h,), candidates (h, k), how many
-        of them each row keeps (h,)), or None."""
+    def _screen(self, xw: torch.Tensor, tt: torch.Tensor, done: torch.Tensor
+                ) -> tuple[torch.Tensor, ...] | None:
+        """Rows of this batch not ``done`` (B,) screened from the previous call's trail: (rows (h,),
+        their inner products <x, x^(i)> (h, n) float64, the bound on those (h,), candidates (h, k),
+        how many of them each row keeps (h,), the floor of :meth:`_floor_screen` they start (h,)),
+        or None."""
         tr = self._trail
         if tr is None or tr.x.shape != xw.shape:
             return None
         s2 = self._sigma(tt).square()
         f, a_w = tt / s2, tt.square() / (2.0 * s2)
-        rows = (tr.carried & (tt > 0) & torch.isfinite(f)).nonzero().squeeze(1)
+        # Rows the floor screen answered last time hand on no inner products.
+        known = (tr.inner_pos >= 0) | (tr.logit_pos >= 0)
+        rows = (tr.carried & known & ~done & (tt > 0) & torch.isfinite(f)).nonzero().squeeze(1)
         if not rows.numel():
             return None
         tiny, raw, raw2 = torch.finfo(WIDE).eps, self._raw_max, self._raw_max ** 2
@@ -892,11 +901,84 @@ class EmpiricalField:
         if not bool(ok.any()):
             return None
         if not bool(ok.all()):
-            rows, inner, error, logits, count = (v[ok] for v in (rows, inner, error, logits, count))
+            rows, inner, error, logits, count, slack = (v[ok] for v in (rows, inner, error, logits, count,
+                                                                        slack))
         k = int(count.max())
-        # One candidate each (the common case once collapsed): one pass instead of a selection.
-        top = logits.argmax(dim=1, keepdim=True) if k == 1 else torch.topk(logits, k, dim=1).indices
-        return rows, inner, error, top, count
+        # The kept keys, and the largest logit left out: the floor of the next call's floor screen,
+        # Gamma_i = (2 sigma_t^2 / t^2)(l_b - l_i) >= (2 sigma_t^2 / t^2)(l~_b - l~_next - 2 s).
+        value, top = torch.topk(logits, min(k + 1, self.n), dim=1)
+        left = value.gather(1, count.clamp(max=value.shape[1] - 1)[:, None]).squeeze(1)
+        left = left.where(count < self.n, -torch.inf)
+        t_r = tt[rows]
+        floor = (2.0 * self._sigma(t_r).square() / t_r.square()) * (value[:, 0] - left - 2.0 * slack)
+        return rows, inner, error, top[:, :k], count, floor * (1.0 - 8.0 * tiny)
+
+    def _floor_screen(self, xw: torch.Tensor, tt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        r"""Rows of this batch whose previous candidates still provably hold all their weight,
+        from one number per row: (rows (h,), their floors (h,)), or None.
+
+        With y = x / t and b a candidate, l_i - l_b = -(t^2 / (2 sigma_t^2)) Gamma_i(y), where
+        Gamma_i(y) = ||y - x^(i)||^2 - ||y - x^(b)||^2 is affine in y and Gamma_i(x^(b)) =
+        ||x^(b) - x^(i)||^2 >= 0. Writing this call's y - x^(b) = mu (y' - x^(b)) + r (the previous
+        call's y', mu in [0, 1] by least squares, r formed explicitly; an Euler step moves y
+        straight towards the mean, so r is rounding once the mean sits on b):
+
+        .. math::
+
+            \min_{i \notin C} \Gamma_i(y) \ge \mu F' - 2 \|r\| \max_i \|x^{(i)} - x^{(b)}\| = F,
+
+        for the previous floor F' over the keys off the candidates C. Where
+        (t^2 / (2 sigma_t^2)) F reaches the covering margin log(n / eps) + 2, the keys off C weigh
+        less than eps e^-2 in total and C is weighed exactly (no pass over the support). Along a
+        trajectory the logit scale grows faster than mu shrinks F, so a row stays answered once
+        collapsed. Part III, chapter 9."""
+        tr = self._trail
+        if tr is None or tr.x.shape != xw.shape:
+            return None
+        rows = (tr.carried & (tr.floor > 0) & (tt > 0) & (tr.t > 0)).nonzero().squeeze(1)
+        if not rows.numel():
+            return None
+        t, t0 = tt[rows], tr.t[rows]
+        xb = self.support[tr.ref[rows]].to(WIDE)
+        v = tr.x[rows] / t0[:, None] - xb
+        w = xw[rows] / t[:, None] - xb
+        mu = ((w * v).sum(dim=1) / v.square().sum(dim=1)).nan_to_num_(0.0, 0.0, 0.0).clamp_(0.0, 1.0)
+        rho = (w - mu[:, None] * v).norm(dim=1)
+        reach = math.sqrt(self._wide_scalars()[3]) + (xb - self._center_wide).norm(dim=1)
+        # float64 rounding of y, of the residual and of its norm: a few D eps of the vectors' sizes.
+        tiny, D = torch.finfo(WIDE).eps, xw.shape[1]
+        rounding = 16.0 * D * tiny * reach * (w.norm(dim=1) + v.norm(dim=1) + 2.0 * xb.norm(dim=1))
+        floor = _accuracy.carried_floor(tr.floor[rows], mu, rho, reach, rounding)
+        gap = t.square() / (2.0 * self._sigma(t).square()) * floor
+        ok = (gap >= _accuracy.screen_margin(torch.zeros_like(gap), self.n, self._eps)).nonzero().squeeze(1)
+        return (rows[ok], floor[ok]) if ok.numel() else None
+
+    def _shrink(self, e: _Exact, xw: torch.Tensor, tt: torch.Tensor, floor: torch.Tensor) -> _Exact:
+        """The screened rows of ``e`` with the candidates the next call's floor screen still needs:
+        a candidate j whose exact gap to the first candidate b, l_b - l_j (from the float64
+        weights, less their rounding), is at least the floor's (t^2 / (2 sigma_t^2)) F has
+        Gamma_j >= F, so the floor (h,) holds without it. Along a trajectory the posterior
+        sharpens, and a row keeps fewer candidates from call to call (each one is weighed again
+        at every call)."""
+        if e.index.shape[1] == 1:
+            return e
+        rows, tiny, D = e.rows, torch.finfo(WIDE).eps, xw.shape[1]
+        t, s2 = tt[rows], self._sigma(tt[rows]).square()
+        # l_b - l_j from the weights, within the rounding of the two float64 distances (relative
+        # (D + 2) eps each, from explicit differences) and of the softmax; a weight that underflowed
+        # is more than 743 nats below the largest, so at least 743 + log w_b below b.
+        d_b = (xw[rows] - t[:, None] * self.support[e.index[:, 0]].to(WIDE)).square().sum(dim=1) / (2.0 * s2)
+        w_b = e.weights[:, :1]
+        gap = (w_b.log() - e.weights.log()).nan_to_num_(posinf=torch.inf)
+        rounding = 4.0 * (D + 2) * tiny * (2.0 * d_b[:, None] + gap) + 16.0 * tiny
+        low = torch.where(e.weights > 0, gap - rounding, 743.0 + w_b.log())
+        needed = low < (t.square() / (2.0 * s2) * floor)[:, None]
+        needed &= torch.arange(e.index.shape[1], device=self.device) < e.count[:, None]
+        needed[:, 0] = True
+        order = torch.argsort((~needed).to(torch.int8), dim=1, stable=True)
+        k = int(needed.sum(dim=1).max())
+        return _Exact(rows, e.mean, e.neff, e.index.gather(1, order)[:, :k],
+                      e.weights.gather(1, order)[:, :k], needed.sum(dim=1))
 
     def _solve_screened(self, xf: torch.Tensor, tt: torch.Tensor, a: torch.Tensor, b: torch.Tensor
                         ) -> tuple[torch.Tensor, list[_Exact]]:
@@ -908,11 +990,20 @@ class EmpiricalField:
             acc, exact = self._solve(xf, tt, a, b)
             return acc.mean, exact
         xw = xf.to(WIDE)
-        hit = self._screen(xw, tt)
         exact, done = [], torch.zeros(B, dtype=torch.bool, device=self.device)
+        floor = torch.full((B,), -torch.inf, dtype=WIDE, device=self.device)
+        ref = torch.zeros(B, dtype=torch.long, device=self.device)
+        first = self._floor_screen(xw, tt)
+        if first is not None:
+            rows, tr = first[0], self._trail
+            e = self._from_candidates(xf, tt, rows, tr.index[rows], tr.count[rows])
+            exact.append(self._shrink(e, xw, tt, first[1]))
+            done[rows], floor[rows], ref[rows] = True, first[1], tr.ref[rows]
+        hit = None if bool(done.all()) else self._screen(xw, tt, done)
         if hit is not None:
-            exact.append(self._from_candidates(xf, tt, hit[0], hit[3], hit[4]))
-            done[hit[0]] = True
+            e = self._from_candidates(xf, tt, hit[0], hit[3], hit[4])
+            exact.append(self._shrink(e, xw, tt, hit[5]))
+            done[hit[0]], floor[hit[0]], ref[hit[0]] = True, hit[5], hit[3][:, 0]
         rest = (~done).nonzero().squeeze(1)
         mean, record = torch.zeros_like(xf), None
         if rest.numel():
@@ -927,14 +1018,17 @@ class EmpiricalField:
             for e in rest_exact:
                 e.rows = rest[e.rows]
                 exact.append(e)
-        self._trail = self._next_trail(xf, xw, tt, exact, hit, rest, record)
+        self._trail = self._next_trail(xf, xw, tt, exact, hit, rest, record, floor, ref, done)
         return mean, exact
 
     def _next_trail(self, xf: torch.Tensor, xw: torch.Tensor, tt: torch.Tensor, exact: list[_Exact],
-                    hit: tuple | None, rest: torch.Tensor, record: _Record | None) -> _Trail:
-        """The trail of this call: its candidate means, and the bound on the inner products each
-        carried row hands on (screened rows: theirs; rows of the full pass: from their logits,
-        within logit_error_bound / f plus the rounding of q)."""
+                    hit: tuple | None, rest: torch.Tensor, record: _Record | None, floor: torch.Tensor,
+                    ref: torch.Tensor, screened: torch.Tensor) -> _Trail:
+        """The trail of this call: its candidate means, the floors of the screened rows (B,) with
+        the candidates they are measured from (B,), and the bound on the inner products each
+        carried row hands on (rows of the Gram screen: theirs; rows of the full pass: from their
+        logits, within logit_error_bound / f plus the rounding of q; rows of the floor screen:
+        none)."""
         B, dev = xw.shape[0], self.device
         refined = [e for e in exact if e.index is not None]
         k = max([e.index.shape[1] for e in refined], default=1)
@@ -942,9 +1036,11 @@ class EmpiricalField:
         weights = torch.zeros(B, k, dtype=WIDE, device=dev)
         mean = torch.zeros_like(xw)
         carried = torch.zeros(B, dtype=torch.bool, device=dev)
+        count = torch.zeros(B, dtype=torch.long, device=dev)
         for e in refined:
             r, kk = e.rows, e.index.shape[1]
             index[r, :kk], weights[r, :kk], mean[r], carried[r] = e.index, e.weights, e.mean, True
+            count[r] = e.count
         error = torch.zeros(B, dtype=WIDE, device=dev)
         inner_pos = torch.full((B,), -1, dtype=torch.long, device=dev)
         logit_pos = torch.full((B,), -1, dtype=torch.long, device=dev)
@@ -967,7 +1063,7 @@ class EmpiricalField:
         inner = None if hit is None else hit[1]
         logits = None if record is None else record.logits
         return _Trail(xw, tt, carried, mean, index, weights, error, inner_pos, inner, logit_pos, logits,
-                      a_rec)
+                      a_rec, count, floor, ref, screened)
 
     # -- gradients in x --------------------------------------------------------------------
     def _covariance_product(self, xf: torch.Tensor, tt: torch.Tensor, m: torch.Tensor,

@@ -177,3 +177,90 @@ def test_gram_cache_overflow_and_switch(monkeypatch):
     assert EmpiricalField(X).screen and not EmpiricalField(X, screen=False).screen
     with pytest.raises(TypeError, match="screen"):
         EmpiricalField(X, screen=1)
+
+
+def floor_rows(field: EmpiricalField) -> int:
+    """Rows of the last call the floor screen answered (screened, with no inner products)."""
+    tr = field._trail
+    return int((tr.screened & (tr.inner_pos < 0)).sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_collapsed_rows_are_answered_without_a_pass(dtype, monkeypatch):
+    # Once each row's floor covers the margin, a call reads no support row beyond the candidates:
+    # with every product against the support made to fail, the results still match float64.
+    X = cloud(1500, 24, 18)
+    field, ref = fields(X, dtype)
+    B = 10
+    x = start(X, B, 0.3, seed=19).to(dtype)
+    t0, t1 = torch.full((B,), 0.3, dtype=torch.float64), torch.full((B,), 0.9, dtype=torch.float64)
+    worst, _ = euler(field, ref, x, t0, t1, 30)
+    assert worst <= TOL[dtype] and floor_rows(field) == B
+    x = field._trail.x.to(dtype)
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("a pass over the support ran")
+
+    monkeypatch.setattr(field, "_solve", no_pass)  # this field's own: the reference still runs
+    monkeypatch.setattr(field, "_screen", no_pass)
+    worst, _ = euler(field, ref, x, torch.full((B,), 0.9, dtype=torch.float64),
+                     torch.full((B,), 0.999, dtype=torch.float64), 20)
+    assert worst <= TOL[dtype] and floor_rows(field) == B
+
+
+def collapsed(X: torch.Tensor, B: int) -> tuple[EmpiricalField, EmpiricalField, torch.Tensor]:
+    """A float64 field whose B rows the floor screen answers at t = 0.9, and the reference."""
+    field, ref = fields(X, torch.float64)
+    x = start(X, B, 0.5, seed=21)
+    x = field._trail.x if euler(field, ref, x, torch.full((B,), 0.5, dtype=torch.float64),
+                                torch.full((B,), 0.9, dtype=torch.float64), 25)[0] <= 1e-9 else None
+    assert x is not None and floor_rows(field) == B
+    return field, ref, x
+
+
+def test_a_floor_that_ignores_the_residual_is_caught(monkeypatch):
+    # Move each collapsed query next to another support point: the residual off the line to its
+    # candidate is large, so the honest floor fails and the row is redone; a floor that drops the
+    # residual's term keeps the old candidate, and the answer is wrong.
+    X = cloud(900, 16, 20)
+    B = 6
+    for broken in (False, True):
+        field, ref, x = collapsed(X, B)
+        if broken:
+            monkeypatch.setattr(_accuracy, "carried_floor",
+                                lambda previous, mu, residual, reach, rounding: previous)
+        moved = 0.91 * X[torch.arange(B) * 7 + 3]
+        u, want = field.velocity(moved, 0.91), ref.velocity(moved, 0.91)
+        err = float(((u - want).norm(dim=1) / want.norm(dim=1)).max())
+        if broken:
+            assert floor_rows(field) == B and err > 1e-3
+        else:
+            assert floor_rows(field) == 0 and err <= 1e-9
+
+
+def test_candidates_are_dropped_only_below_the_floor(monkeypatch):
+    # Near ties stay split to t = 1: the second point of each pair must stay a candidate. Dropping
+    # every candidate but the first is caught; the honest rule keeps the pair and is exact.
+    base = cloud(300, 12, 22)
+    step = torch.zeros(12, dtype=torch.float64)
+    step[0] = 1e-3
+    X = torch.cat([base + step, base - step])
+    g = torch.Generator().manual_seed(23)
+    noise = torch.randn(6, 12, generator=g, dtype=torch.float64)
+    noise[:, 0] = 0.0
+    x0 = 0.5 * base[:6] + 0.5 * noise
+    t0, t1 = torch.full((6,), 0.5, dtype=torch.float64), torch.full((6,), 0.999, dtype=torch.float64)
+    field, ref = fields(X, torch.float64)
+    honest, _ = euler(field, ref, x0.clone(), t0, t1, 40)
+    assert honest <= 1e-9 and floor_rows(field) > 0
+    assert bool((field._trail.count[field._trail.screened] >= 2).all())
+    real = EmpiricalField._shrink
+
+    def first_only(self, e, xw, tt, floor):
+        out = real(self, e, xw, tt, floor)
+        out.index, out.weights, out.count = out.index[:, :1], out.weights[:, :1], torch.ones_like(out.count)
+        return out
+
+    monkeypatch.setattr(EmpiricalField, "_shrink", first_only)
+    broken, _ = euler(*fields(X, torch.float64), x0.clone(), t0, t1, 40)
+    assert broken > 1e-3
