@@ -168,3 +168,31 @@ def test_sq_distances_keep_every_digit_where_the_gram_form_cancels():
     gram = (x.square().sum(1)[:, None] - 2 * t[:, None] * torch.einsum("rd,rkd->rk", x, cand)
             + t[:, None] ** 2 * cand.square().sum(2))
     assert float((gram[0, 0] - got[0, 0]).abs() / got[0, 0]) > 1e-3   # the expanded form cancels
+
+
+def test_carried_floor_bounds_the_gap_after_a_step_towards_the_candidate():
+    # Gamma_i(y) = ||y - x_i||^2 - ||y - x_b||^2, recomputed in float64 at both queries: the
+    # carried floor never exceeds the new minimum over the keys off the candidate, whatever the
+    # step (mu in [0, 1]) and residual; without the residual's term it does.
+    g = torch.Generator().manual_seed(31)
+    X = torch.randn(400, 20, generator=g, dtype=torch.float64)
+    b = 0
+
+    def gap_floor(y: torch.Tensor) -> torch.Tensor:
+        gamma = (y[:, None, :] - X[None]).square().sum(-1) - (y - X[b]).square().sum(-1)[:, None]
+        return gamma[:, 1:].min(dim=1).values
+
+    y0 = X[b] + 0.3 * torch.randn(64, 20, generator=g, dtype=torch.float64)
+    mu = torch.rand(64, generator=g, dtype=torch.float64)
+    size = torch.logspace(-6, 0, 64, dtype=torch.float64)[:, None]
+    r = torch.randn(64, 20, generator=g, dtype=torch.float64) * size
+    y1 = X[b] + mu[:, None] * (y0 - X[b]) + r
+    reach = torch.full((64,), float((X - X[b]).norm(dim=1).max()), dtype=torch.float64)
+    zero = torch.zeros(64, dtype=torch.float64)
+    before, after = gap_floor(y0), gap_floor(y1)
+    carried = _accuracy.carried_floor(before, mu, r.norm(dim=1), reach, zero)
+    assert bool((carried <= after).all())
+    assert bool((carried > 0).sum() > 16)                       # and is not vacuous
+    assert bool((_accuracy.carried_floor(before, mu, zero, reach, zero) > after).any())
+    inf = torch.full((64,), torch.inf, dtype=torch.float64)    # every key a candidate: stays so
+    assert bool(torch.isinf(_accuracy.carried_floor(inf, mu, r.norm(dim=1), reach, zero)).all())

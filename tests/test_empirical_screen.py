@@ -180,9 +180,12 @@ def test_gram_cache_overflow_and_switch(monkeypatch):
 
 
 def floor_rows(field: EmpiricalField) -> int:
-    """Rows of the last call the floor screen answered (screened, with no inner products)."""
+    """Rows of the last call the floor screen answered, recounted from the trail: screened rows
+    that hand on no inner products (the property must agree)."""
     tr = field._trail
-    return int((tr.screened & (tr.inner_pos < 0)).sum())
+    count = int((tr.screened & (tr.inner_pos < 0) & (tr.logit_pos < 0)).sum())
+    assert field.floor_rows == count
+    return count
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
