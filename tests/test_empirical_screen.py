@@ -79,19 +79,25 @@ def test_screened_trajectory_matches_float64(case, dtype):
         assert screened > 0, case
 
 
+def tied_pairs(gap: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pairs of support points ``gap`` apart along the first axis, and six queries at t = 0.5 on
+    the plane equidistant from both points of a pair."""
+    base = cloud(300, 12, seed)
+    step = torch.zeros(12, dtype=torch.float64)
+    step[0] = gap
+    g = torch.Generator().manual_seed(seed + 1)
+    noise = torch.randn(6, 12, generator=g, dtype=torch.float64)
+    noise[:, 0] = 0.0
+    return torch.cat([base + step, base - step]), 0.5 * base[:6] + 0.5 * noise
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_near_ties_stay_split_and_exact(dtype):
     # Pairs of support points 1e-3 apart and queries on the plane equidistant from both: the
     # weight stays split between two candidates all the way to t = 1.
-    base = cloud(300, 12, 8)
-    step = torch.zeros(12, dtype=torch.float64)
-    step[0] = 1e-3
-    X = torch.cat([base + step, base - step])
+    X, x = tied_pairs(1e-3, 8)
     field, ref = fields(X, dtype)
-    g = torch.Generator().manual_seed(9)
-    noise = torch.randn(6, 12, generator=g, dtype=torch.float64)
-    noise[:, 0] = 0.0
-    x = (0.5 * base[:6] + 0.5 * noise).to(dtype)
+    x = x.to(dtype)
     worst, screened = euler(field, ref, x, torch.full((6,), 0.5, dtype=torch.float64),
                             torch.full((6,), 0.999, dtype=torch.float64), 40)
     assert worst <= TOL[dtype] and screened > 0
@@ -125,14 +131,7 @@ def test_queries_off_the_span_take_the_full_pass():
 def test_a_shrunken_margin_is_caught(monkeypatch):
     # Keep only the keys within 1e-3 of the best: near ties lose a point, and the comparison
     # with float64 must see it (the screen's guarantee rests on the margin).
-    base = cloud(300, 12, 8)
-    step = torch.zeros(12, dtype=torch.float64)
-    step[0] = 0.05
-    X = torch.cat([base + step, base - step])
-    g = torch.Generator().manual_seed(9)
-    noise = torch.randn(6, 12, generator=g, dtype=torch.float64)
-    noise[:, 0] = 0.0
-    x0 = 0.5 * base[:6] + 0.5 * noise
+    X, x0 = tied_pairs(0.05, 8)
     t0, t1 = torch.full((6,), 0.5, dtype=torch.float64), torch.full((6,), 0.95, dtype=torch.float64)
     honest, screened = euler(*fields(X, torch.float64), x0.clone(), t0, t1, 20)
     assert honest <= 1e-9 and screened > 0
@@ -244,14 +243,7 @@ def test_a_floor_that_ignores_the_residual_is_caught(monkeypatch):
 def test_candidates_are_dropped_only_below_the_floor(monkeypatch):
     # Near ties stay split to t = 1: the second point of each pair must stay a candidate. Dropping
     # every candidate but the first is caught; the honest rule keeps the pair and is exact.
-    base = cloud(300, 12, 22)
-    step = torch.zeros(12, dtype=torch.float64)
-    step[0] = 1e-3
-    X = torch.cat([base + step, base - step])
-    g = torch.Generator().manual_seed(23)
-    noise = torch.randn(6, 12, generator=g, dtype=torch.float64)
-    noise[:, 0] = 0.0
-    x0 = 0.5 * base[:6] + 0.5 * noise
+    X, x0 = tied_pairs(1e-3, 22)
     t0, t1 = torch.full((6,), 0.5, dtype=torch.float64), torch.full((6,), 0.999, dtype=torch.float64)
     field, ref = fields(X, torch.float64)
     honest, _ = euler(field, ref, x0.clone(), t0, t1, 40)
