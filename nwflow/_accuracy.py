@@ -309,7 +309,7 @@ def carried_floor(previous: torch.Tensor, mu: torch.Tensor, residual: torch.Tens
         y - x^{(b)} = \mu (y' - x^{(b)}) + r,\; 0 \le \mu \le 1
 
         \Rightarrow\; \Gamma_i(y) = \mu \Gamma_i(y') + (1 - \mu) \|x^{(b)} - x^{(i)}\|^2
-            - 2 \langle r, x^{(i)} - x^{(b)}angle
+            - 2 \langle r, x^{(i)} - x^{(b)}\rangle
             \ge \mu F' - 2 \|r\| \max_i \|x^{(i)} - x^{(b)}\| - \delta = F,
 
     since Gamma_i is affine in y. ``reach`` bounds max_i ||x^(i) - x^(b)||, ``rounding`` delta
