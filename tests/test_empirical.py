@@ -800,3 +800,37 @@ def test_float64_pass_in_blocks_that_do_not_divide_n(monkeypatch):
         got = field.velocity(x, tt)
         assert worst_rel(got, reference(x, tt, X, 0.0)["u"]) <= 1e-6
     assert sum(wide) > 0
+
+
+@pytest.mark.parametrize("rows", [1, 7, 9, 13, 16])
+def test_logits_of_any_number_of_rows_match_float64_in_the_transposed_layout(rows):
+    """Blocks of rows that are not a multiple of eight go through a padded product: the logits
+    must still match float64, and come back as the transposed view of a (n, B) block that the
+    rest of the pass reads along its contiguous axis."""
+    g = torch.Generator().manual_seed(rows)
+    X, q = torch.randn(300, 40, generator=g), torch.randn(rows, 40, generator=g)
+    a = torch.rand(rows, generator=g)
+    field = EmpiricalField(X)
+    with exact_matmul():
+        got = field._logits(q, a, field.support, field.key_norms)
+    want = q.double() @ X.double().T - a.double()[:, None] * field.key_norms.double()[None, :]
+    assert got.shape == (rows, 300) and got.T.is_contiguous()
+    assert float((got.double() - want).abs().max()) <= 1e-5 * float(want.abs().max())
+
+
+def test_one_off_calls_build_no_half_copy_of_the_support(monkeypatch):
+    """nwflow.velocity and its siblings build a field per call: the reduced-precision screen's
+    half copy of the support could not pay for itself there, so it must not be built even where
+    the screen is on by default."""
+    from nwflow import _reduced, empirical
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a one-off call built the half-precision keys")
+
+    monkeypatch.setattr(empirical, "reduced_dtype", lambda device: torch.bfloat16)
+    monkeypatch.setattr(_reduced.ReducedKeys, "build", classmethod(refuse))
+    X = torch.rand(1100, 4096, generator=torch.Generator().manual_seed(0)) * 2 - 1  # n D >= SCREEN_FROM
+    x, t = 0.9 * X[:4] + 0.1 * torch.randn(4, 4096), torch.full((4,), 0.9)
+    assert EmpiricalField(X).reduced_precision == torch.bfloat16  # the default, as patched
+    for fn in (nwflow.velocity, nwflow.posterior_mean, nwflow.score, nwflow.effective_neighbours):
+        fn(x, t, X)
