@@ -121,6 +121,7 @@ def test_trajectory_smoke_run_follows_the_closed_form_and_writes_json(tmp_path):
     assert r["steps"][-1]["median_n_eff"] < r["steps"][0]["median_n_eff"]
     assert set(r["ratios"]) == {"field/two_gemm_pre", "field/sdpa_pre", "field_full/two_gemm_pre",
                                 "field_full/sdpa_pre"} and "provenance" in record
+    assert record["provenance"]["config"]["flush_denormal"] is True  # the default: a fair two-GEMM
 
 
 def test_gpu_check_script_parses_and_names_files_that_exist():
