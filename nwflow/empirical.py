@@ -68,7 +68,7 @@ from nwflow._precision import (
     reduced_dtype,
 )
 from nwflow._reduced import ReducedKeys
-from nwflow._stream import Accumulated, Block, kept_softmax, online_softmax
+from nwflow._stream import Accumulated, Block, kept_softmax, largest, online_softmax
 
 __all__ = ["EmpiricalField", "posterior_weights", "posterior_mean", "velocity", "score",
            "effective_neighbours"]
@@ -100,6 +100,14 @@ _TAIL_CUT_REACH = 8
 SCREEN_FROM = 2**22
 # Rows of a query block are padded to a multiple of this for the logits' product (EmpiricalField._logits).
 _ROW_MULTIPLE = 8
+# Along a trajectory the reduced-precision screen is not tried on a row whose previous call, at
+# most _REDUCED_SKIP_REACH back along the path, kept more than _REDUCED_SKIP_FACTOR times the
+# SCREEN_MAX keys the screen may keep, at the narrower float32 bound. On CIFAR-10 (n = 50,000,
+# B = 64) such rows kept thousands of keys from t = 0 to about 0.25 and the screen answered none
+# of them, while its product and selection cost 50-270 ms a step at B = 64-256. A speed rule
+# only: a row not tried takes the full pass.
+_REDUCED_SKIP_REACH = 0.1
+_REDUCED_SKIP_FACTOR = 8
 # Cached Gram columns <x^(i), x^(j)> of the carried screen: at most this many bytes.
 _GRAM_BYTES = 256 * 2**20
 
@@ -139,6 +147,7 @@ class _Trail:
     floor: torch.Tensor            # (B,) float64 bound below Gamma_i(x / t) off the candidates, or -inf
     ref: torch.Tensor              # (B,) the candidate b that Gamma is measured from
     screened: torch.Tensor         # (B,) bool: answered by a carried screen
+    kept: torch.Tensor             # (B,) keys the row's pass kept at its slack, or -1 (not known)
 
 
 @dataclass
@@ -148,12 +157,14 @@ class _Record:
 
     logits: torch.Tensor  # (r, n): written into, or replaced by the pass's own block
     slack: torch.Tensor   # (r,) float64
+    kept: torch.Tensor    # (r,) keys each row kept at that slack (kept_keys), or -1 (not counted)
 
     @classmethod
     def empty(cls, rows: int, n: int, dtype: torch.dtype, device: torch.device) -> _Record:
         # Untouched until written: a record whose logits are replaced costs no memory traffic.
         return cls(torch.empty(rows, n, dtype=dtype, device=device),
-                   torch.empty(rows, dtype=WIDE, device=device))
+                   torch.empty(rows, dtype=WIDE, device=device),
+                   torch.full((rows,), -1, dtype=torch.long, device=device))
 
 
 class _ExactOutput(torch.autograd.Function):
@@ -524,10 +535,10 @@ class EmpiricalField:
         if logits is None:
             streamed, top = acc.top_logits[rows, :k], acc.top_index[rows, :k]
         else:
-            # The whole block when every row is asked for: a gather of its strided rows costs
-            # more than the selection (113 ms against 88 ms at B = 256, n = 50,000).
+            # The whole block when every row is asked for, in its transposed layout (largest's
+            # two stages: 10 ms at B = 256, n = 50,000, where a gather of its rows took 113 ms).
             part = logits if rows.numel() == logits.shape[0] else logits[rows]
-            streamed, top = torch.topk(part, min(k, self.n), dim=1)
+            streamed, top = largest(part, min(k, self.n))
         candidates = self._gather(top)
         exact = _accuracy.exact_logits(xf[rows].to(WIDE), tt[rows], candidates, self._center_wide,
                                        self._sigma(tt[rows]))
@@ -592,6 +603,8 @@ class EmpiricalField:
         keep, count = _accuracy.kept_keys(logits, error, self.n, self._eps, self.n if neff else K,
                                           max(_TAIL_CUT_REACH * K, 4 * light))
         covered = (count <= K) & _accuracy.tracks_candidates(error, self._eps)
+        if record is not None:
+            record.kept = count.to(torch.long)
         B, D = logits.shape[0], self.support.shape[1]
         rows = covered.nonzero().squeeze(1)
         k_cov = int(count[rows].max()) if rows.numel() else 1
@@ -599,7 +612,10 @@ class EmpiricalField:
         index = torch.zeros(B, k_cov, dtype=torch.long, device=self.device)
         if rows.numel():
             # The kept keys are the row's count largest logits (both rules keep a top set).
-            top[rows], index[rows] = torch.topk(logits[rows], k_cov, dim=1)
+            if rows.numel() == B:
+                top, index = largest(logits, k_cov)
+            else:
+                top[rows], index[rows] = largest(logits[rows], k_cov)
         acc = Accumulated(row_max=logits.new_zeros(B), total=logits.new_ones(B),
                           mean=None if neff else logits.new_zeros(B, D),
                           square=logits.new_ones(B) if neff else None,
@@ -651,11 +667,12 @@ class EmpiricalField:
             yield Block(logits[:, k], self.support[k], scalars=self.key_norms[k] if spread else None)
 
     def _solve(self, xf: torch.Tensor, tt: torch.Tensor, a: torch.Tensor | None = None,
-               b: torch.Tensor | None = None, record: _Record | None = None
-               ) -> tuple[Accumulated, list[_Exact]]:
+               b: torch.Tensor | None = None, record: _Record | None = None,
+               reduce: torch.Tensor | None = None) -> tuple[Accumulated, list[_Exact]]:
         """The rows the reduced-precision screen answers, from their candidates in float64, and
         the others by :meth:`_solve_full`: for y = (a m - b x) / c when ``a`` and ``b`` are given,
-        for n_eff otherwise; ``record`` receives each row's logits and their bound."""
+        for n_eff otherwise; ``record`` receives each row's logits and their bound; ``reduce``
+        (B,) bool, the rows the screen is tried on (None: all)."""
         neff, B = a is None, xf.shape[0]
         self._reduced_count = 0
         if self._local and B and bool((tt == 0).all()):
@@ -666,10 +683,12 @@ class EmpiricalField:
         hits = []
         if (self.reduced_precision is not None and self._local and B
                 and (self.chunk_size is None or self.chunk_size >= self.n)):
-            for s in range(0, B, group):
-                hit = self._reduced_screen(xf[s:s + group], tt[s:s + group])
+            tried = torch.arange(B, device=self.device) if reduce is None else reduce.nonzero().squeeze(1)
+            for s in range(0, tried.numel(), group):
+                at = tried[s:s + group]
+                hit = self._reduced_screen(xf[at], tt[at])
                 if hit is not None:
-                    hits.append((hit[0] + s, *hit[1:]))
+                    hits.append((at[hit[0]], *hit[1:]))
         if not hits:
             return self._solve_full(xf, tt, a, b, record)
         rows, count, slack = (torch.cat([h[i] for h in hits]) for i in (0, 2, 4))
@@ -679,7 +698,7 @@ class EmpiricalField:
         self._reduced_count = rows.numel()
         exact = [self._from_candidates(xf, tt, rows, index, count)]
         if record is not None:
-            record.logits[rows], record.slack[rows] = logits, slack
+            record.logits[rows], record.slack[rows], record.kept[rows] = logits, slack, count.to(torch.long)
         one = xf.new_ones(B)
         acc = Accumulated(row_max=xf.new_zeros(B), total=one, mean=None if neff else torch.zeros_like(xf),
                           square=one.clone() if neff else None)
@@ -695,7 +714,7 @@ class EmpiricalField:
                 e.rows = rest[e.rows]
                 exact.append(e)
             if sub is not None:
-                record.logits[rest], record.slack[rest] = sub.logits, sub.slack
+                record.logits[rest], record.slack[rest], record.kept[rest] = sub.logits, sub.slack, sub.kept
         return acc, exact
 
     def _reduced_keys(self) -> ReducedKeys:
@@ -1040,7 +1059,8 @@ class EmpiricalField:
             part = rest.numel() < B
             xr, tr_, ar, br = (v[rest] for v in (xf, tt, a, b)) if part else (xf, tt, a, b)
             record = _Record.empty(rest.numel(), self.n, self.dtype, self.device)
-            acc, rest_exact = self._solve(xr, tr_, ar, br, record=record)
+            acc, rest_exact = self._solve(xr, tr_, ar, br, record=record,
+                                          reduce=self._worth_reducing(tt, rest))
             if part:
                 mean[rest] = acc.mean
             else:
@@ -1051,14 +1071,26 @@ class EmpiricalField:
         self._trail = self._next_trail(xf, xw, tt, exact, hit, rest, record, floor, ref, done)
         return mean, exact
 
+    def _worth_reducing(self, tt: torch.Tensor, rest: torch.Tensor) -> torch.Tensor | None:
+        """Of the batch's ``rest`` rows (r,), those the reduced-precision screen is tried on (r,)
+        bool, or None (all): not a row whose previous call, at most ``_REDUCED_SKIP_REACH`` back
+        along the path, kept more than ``_REDUCED_SKIP_FACTOR`` times ``SCREEN_MAX`` keys (a
+        speed rule; see the constants)."""
+        tr = self._trail
+        if self.reduced_precision is None or tr is None or tr.x.shape[0] != tt.shape[0]:
+            return None
+        spread = ((tr.kept[rest] > _REDUCED_SKIP_FACTOR * _accuracy.SCREEN_MAX)
+                  & (tt[rest] - tr.t[rest] <= _REDUCED_SKIP_REACH))
+        return ~spread
+
     def _next_trail(self, xf: torch.Tensor, xw: torch.Tensor, tt: torch.Tensor, exact: list[_Exact],
                     hit: tuple | None, rest: torch.Tensor, record: _Record | None, floor: torch.Tensor,
                     ref: torch.Tensor, screened: torch.Tensor) -> _Trail:
         """The trail of this call: its candidate means, the floors of the screened rows (B,) with
-        the candidates they are measured from (B,), and the bound on the inner products each
-        carried row hands on (rows of the Gram screen: theirs; rows of the full pass: from their
-        logits, within logit_error_bound / f plus the rounding of q; rows of the floor screen:
-        none)."""
+        the candidates they are measured from (B,), the keys each row of the pass kept (B,), and
+        the bound on the inner products each carried row hands on (rows of the Gram screen:
+        theirs; rows of the full pass: from their logits, within logit_error_bound / f plus the
+        rounding of q; rows of the floor screen: none)."""
         B, dev = xw.shape[0], self.device
         refined = [e for e in exact if e.index is not None]
         k = max([e.index.shape[1] for e in refined], default=1)
@@ -1092,8 +1124,11 @@ class EmpiricalField:
             carried[rest] &= t > 0
         inner = None if hit is None else hit[1]
         logits = None if record is None else record.logits
+        kept = torch.full((B,), -1, dtype=torch.long, device=dev)
+        if record is not None:
+            kept[rest] = record.kept
         return _Trail(xw, tt, carried, mean, index, weights, error, inner_pos, inner, logit_pos, logits,
-                      a_rec, count, floor, ref, screened)
+                      a_rec, count, floor, ref, screened, kept)
 
     # -- gradients in x --------------------------------------------------------------------
     def _covariance_product(self, xf: torch.Tensor, tt: torch.Tensor, m: torch.Tensor,

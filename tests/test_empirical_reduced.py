@@ -184,6 +184,36 @@ def test_trajectory_with_both_screens_matches_float64(low):
     assert worst <= 1e-5 and reduced > 0 and carried > 0, (worst, reduced, carried)
 
 
+def test_a_trajectory_skips_the_screen_for_rows_its_last_step_found_spread(monkeypatch):
+    """Rows whose previous step kept more than _REDUCED_SKIP_FACTOR x SCREEN_MAX keys are not
+    tried (a speed rule: the screen could not answer them), a first call or a far jump in t tries
+    every row, and the results stay within the fp32 tolerance of float64 either way."""
+    from nwflow import empirical
+    X = cloud(2000, 16, 31)
+    B = 8
+    tried = []
+    screen = empirical.EmpiricalField._reduced_screen
+    monkeypatch.setattr(empirical.EmpiricalField, "_reduced_screen",
+                        lambda self, xf, tt: tried.append(len(xf)) or screen(self, xf, tt))
+    field = EmpiricalField(X.float(), reduced_precision=torch.bfloat16, screen=True)
+    ref = EmpiricalField(X, reduced_precision=False, screen=False)
+    x = queries(X, torch.full((B,), 0.3, dtype=torch.float64), 7).float()
+    for t in (0.3, 0.31, 0.32, 0.95):
+        tried.clear()
+        u = field.velocity(x, t)
+        want = ref.velocity(x.double(), t)
+        assert float(((u.double() - want).norm(dim=1) / want.norm(dim=1)).max()) <= 1e-5
+        kept = field._trail.kept
+        if t == 0.3:
+            assert tried == [B]                                   # nothing known: every row tried
+            assert bool((kept > empirical._REDUCED_SKIP_FACTOR * 128).all())
+        elif t < 0.5:
+            assert tried == []                                    # all spread one step back
+        else:
+            assert tried == [B]                                   # 0.63 along the path: tried again
+        x = x + 0.01 * u
+
+
 def test_a_fixed_small_chunk_turns_the_screen_off():
     X = cloud(500, 8, 40)
     t = torch.full((4,), 0.9, dtype=torch.float64)

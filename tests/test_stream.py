@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from nwflow._stream import Block, kept_softmax, online_softmax, softmax_mean
+from nwflow._stream import Block, kept_softmax, largest, online_softmax, softmax_mean
 
 F64 = torch.float64
 
@@ -127,3 +127,30 @@ def test_softmax_mean_takes_one_value_set_per_task_and_is_differentiable():
     # A shared value set broadcasts over the tasks.
     torch.testing.assert_close(softmax_mean(logits, values[0]), torch.softmax(logits, -1) @ values[0],
                                rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("n", [16 * 40, 16 * 40 + 7, 1000])
+@pytest.mark.parametrize("k", [1, 8, 39])
+def test_largest_has_topks_values_on_the_transposed_layout_with_ties_and_infinities(n, k):
+    g = torch.Generator().manual_seed(n + k)
+    blocks = [torch.randn(n, 12, generator=g),
+              torch.randint(-3, 4, (n, 12), generator=g).float(),   # heavy ties, across groups
+              torch.full((n, 12), -torch.inf)]
+    blocks[2][n - 1, 3] = 2.0                                       # the maximum in the trailing keys
+    blocks[2][5, 4] = 1.0
+    for block in blocks:
+        logits = block.T                                            # (r, n) view of an (n, r) block
+        values, index = largest(logits, k)
+        expected = torch.topk(logits, k, dim=1).values
+        assert torch.equal(values, expected)
+        assert torch.equal(logits.gather(1, index), values)
+        assert all(len(set(row.tolist())) == k for row in index)   # k distinct keys per row
+    # The planted maximum is found, also past the last whole group (n = 647).
+    assert largest(blocks[2].T, k)[1][3, 0] == n - 1
+
+
+def test_largest_on_a_row_major_block_is_topk():
+    logits = torch.randn(5, 300, generator=torch.Generator().manual_seed(0))
+    values, index = largest(logits, 7)
+    reference = torch.topk(logits, 7, dim=1)
+    assert torch.equal(values, reference.values) and torch.equal(index, reference.indices)
