@@ -37,6 +37,7 @@ import math
 import torch
 
 from nwflow._precision import ERROR_FACTOR, WIDE
+from nwflow._stream import take_rows
 
 __all__ = ["CANDIDATES", "FALLBACK_TOL", "OBSERVED", "OBSERVED_SAFETY", "SCREEN_MAX", "CARRY_SLACK",
            "REFINE_MAX",
@@ -293,8 +294,12 @@ def kept_keys(logits: torch.Tensor, slack: torch.Tensor, n: int, eps: float, low
     keep = keep.T if keys == 0 else keep
     rows = ((count > low) & (count <= high)).nonzero().squeeze(1)
     if rows.numel():
-        keep[rows] = tail_cut(logits[rows], slack[rows], eps)
-        count[rows] = keep[rows].sum(dim=1, dtype=count.dtype)
+        cut = tail_cut(take_rows(logits, rows), slack[rows], eps)
+        if keys == 0:
+            keep.T[:, rows] = cut.T             # columns of the (n, r) mask: one read, not strided rows
+        else:
+            keep[rows] = cut
+        count[rows] = cut.sum(dim=1, dtype=count.dtype)
     return keep, count
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Block", "Accumulated", "online_softmax", "kept_softmax", "softmax_mean", "largest"]
+__all__ = ["Block", "Accumulated", "online_softmax", "kept_softmax", "softmax_mean", "largest", "take_rows"]
 
 # The longest run of kept pairs that kept_softmax's sparse product sums in one sequence.
 RUN = 64
@@ -67,6 +67,16 @@ class Accumulated:
 def _rescaled(total: torch.Tensor | None, scale: torch.Tensor, add: torch.Tensor) -> torch.Tensor:
     # total * scale + add, in place after the first block (total is None before it).
     return add if total is None else total.mul_(scale).add_(add)
+
+
+def take_rows(block: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``block[rows]`` of a (B, n) block (r, n), in the block's layout. The engine's logits are a
+    transposed view of an (n, B) tensor, where indexing rows gathers strided ones (210 ms for 253
+    of 256 rows at n = 50,000 on two threads) and selecting columns of the (n, B) tensor reads it
+    once (50 ms; 12 ms for 128 rows where indexing took 74)."""
+    if not block.is_contiguous() and block.T.is_contiguous():
+        return block.T.index_select(1, rows).T
+    return block[rows]
 
 
 def largest(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

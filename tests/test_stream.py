@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from nwflow._stream import Block, kept_softmax, largest, online_softmax, softmax_mean
+from nwflow._stream import Block, kept_softmax, largest, online_softmax, softmax_mean, take_rows
 
 F64 = torch.float64
 
@@ -154,3 +154,13 @@ def test_largest_on_a_row_major_block_is_topk():
     values, index = largest(logits, 7)
     reference = torch.topk(logits, 7, dim=1)
     assert torch.equal(values, reference.values) and torch.equal(index, reference.indices)
+
+
+def test_take_rows_is_indexing_and_keeps_a_transposed_block_transposed():
+    g = torch.Generator().manual_seed(1)
+    rows = torch.tensor([4, 0, 7, 7])
+    for block in (torch.randn(50, 9, generator=g).T, torch.randn(9, 50, generator=g),
+                  torch.rand(50, 9, generator=g).T > 0.5):
+        part = take_rows(block, rows)
+        assert torch.equal(part, block[rows])
+        assert part.T.is_contiguous() == (not block.is_contiguous())
