@@ -330,3 +330,27 @@ def screened(logits: torch.Tensor, slack: torch.Tensor, n: int, eps: float, limi
     """Keys each row keeps under :func:`kept_keys`, the tail cut tried where the margin keeps
     more than ``limit``, (r,): the carried screen's count. Part III, performance."""
     return kept_keys(logits, slack, n, eps, limit, n)[1]
+
+
+def candidate_floor(top: torch.Tensor, count: torch.Tensor, slack: torch.Tensor, t: torch.Tensor,
+                    sigma_t: torch.Tensor, n: int) -> torch.Tensor:
+    r"""The floor screen's bound for rows whose candidates C are their ``count`` largest computed
+    logits, each within ``slack`` s of the exact one, (r,): with b the largest,
+
+    .. math::
+
+        \min_{i \notin C} \Gamma_i(y) = \frac{2\sigma_t^2}{t^2} \min_{i \notin C} (l_b - l_i)
+            \ge \frac{2\sigma_t^2}{t^2} \big(\tilde l_b - \max_{i \notin C} \tilde l_i - 2s\big),
+
+    lowered by 8 float64 eps of its size for its own rounding. ``top`` (r, k) the largest computed
+    logits, descending (any float dtype; a logit of the streamed form, which differs from the exact
+    one by a constant per row, gives the same differences); ``count``, ``slack``, ``t`` and
+    ``sigma_t`` (r,). +inf where every key is a candidate (count = n), -inf where the largest key
+    left out is not in ``top`` (count >= k < n). Part III, chapter 9.
+    """
+    value = top.to(WIDE)
+    left = value.gather(1, count.clamp(max=value.shape[1] - 1)[:, None]).squeeze(1)
+    left = torch.where(count >= n, -torch.inf, left)
+    floor = (2.0 * sigma_t.square() / t.square()) * (value[:, 0] - left - 2.0 * slack)
+    floor = floor - 8.0 * torch.finfo(WIDE).eps * floor.abs().nan_to_num(posinf=0.0)   # inf stays inf
+    return torch.where((count < value.shape[1]) | (count >= n), floor, -torch.inf)

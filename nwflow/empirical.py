@@ -122,6 +122,7 @@ class _Exact:
     index: torch.Tensor | None = None    # (r, k) candidate support indices
     weights: torch.Tensor | None = None  # (r, k) their exact weights; the rest are below eps
     count: torch.Tensor | None = None    # (r,) how many of the k each row keeps (the rest pad)
+    floor: torch.Tensor | None = None    # (r,) float64 bound below Gamma_i(x / t) off them, from index[:, 0]
 
 
 @dataclass
@@ -236,18 +237,19 @@ class EmpiricalField:
     (their bound: :func:`nwflow._accuracy.logit_error_bound`). A first call, a new batch size or
     a query off the previous span costs one small least-squares fit per row.
 
-    **The floor screen** (:meth:`_floor_screen`). A screened row also hands on one number: a
-    lower bound F on Gamma_i(y) = ||y - x^(i)||^2 - ||y - x^(b)||^2 over the keys off its
-    candidates (y = x / t, b its first candidate), from its logits' gap to the largest key left
-    out, less twice the slack. Gamma_i is affine in y and an Euler step moves y straight towards
+    **The floor screen** (:meth:`_floor_screen`). A screened row also hands on one number: a lower
+    bound F on Gamma_i(y) = ||y - x^(i)||^2 - ||y - x^(b)||^2 over the keys off its candidates (y =
+    x / t, b its first candidate), from its logits' gap to the largest key left out, less twice the
+    slack (:func:`nwflow._accuracy.candidate_floor`); so does a row the full pass answers from its
+    candidates, from its logits and their a-priori bound, so that a row can go from the full pass
+    straight to the floor screen. Gamma_i is affine in y and an Euler step moves y straight towards
     the mean, so the next call's F follows from the previous one, the step's direction and its
     residual alone (:func:`nwflow._accuracy.carried_floor`); where (t^2 / (2 sigma_t^2)) F covers
-    the margin, the keys off the candidates weigh less than eps e^-2 and the candidates are
-    weighed exactly, with no product against the support. Candidates whose exact gap to b
-    exceeds the floor are dropped as the posterior sharpens. On CIFAR-10 (n = 50,000, B = 256, two
-    threads) it answers every row from t of about 0.43, at 30-60 ms a step where the Gram-column
-    screen took 0.25-0.3 s. A row it cannot answer takes the full pass (it hands on no inner
-    products).
+    the margin, the keys off the candidates weigh less than eps e^-2 and the candidates are weighed
+    exactly, with no product against the support. Candidates whose exact gap to b exceeds the floor
+    are dropped as the posterior sharpens. On CIFAR-10 (n = 50,000, B = 256, two threads) it
+    answers every row from t of about 0.43, at 30-60 ms a step where the Gram-column screen took
+    0.25-0.3 s. A row it cannot answer takes the full pass (it hands on no inner products).
 
     **The reduced-precision screen** (Part III, chapter 9, rule 3). Before the full pass, the
     logits of every row come from one product in bf16 or fp16 (queries and centred keys scaled
@@ -609,11 +611,12 @@ class EmpiricalField:
             record.kept = count.to(torch.long)
         B, D = logits.shape[0], self.support.shape[1]
         rows = covered.nonzero().squeeze(1)
-        k_cov = int(count[rows].max()) if rows.numel() else 1
+        # The kept keys are the row's count largest logits (both rules keep a top set), and one more:
+        # the largest left out, which starts the floor screen (_accuracy.candidate_floor).
+        k_cov = min(int(count[rows].max()) + 1 if rows.numel() else 1, self.n)
         top = logits.new_full((B, k_cov), -torch.inf)
         index = torch.zeros(B, k_cov, dtype=torch.long, device=self.device)
         if rows.numel():
-            # The kept keys are the row's count largest logits (both rules keep a top set).
             top[rows], index[rows] = largest(logits if rows.numel() == B else take_rows(logits, rows), k_cov)
         acc = Accumulated(row_max=logits.new_zeros(B), total=logits.new_ones(B),
                           mean=None if neff else logits.new_zeros(B, D),
@@ -784,7 +787,11 @@ class EmpiricalField:
             rows = covered.nonzero().squeeze(1)
             if rows.numel():
                 index = acc.top_index[rows, :int(inside[rows].max())]
-                exact.append(self._from_candidates(xf, tt, rows, index, inside[rows]))
+                e = self._from_candidates(xf, tt, rows, index, inside[rows])
+                # The pass's logits, within the a-priori bound, start the next call's floor screen.
+                e.floor = _accuracy.candidate_floor(acc.top_logits[rows], inside[rows], error[rows],
+                                                    tt[rows], self._sigma(tt[rows]), self.n)
+                exact.append(e)
         if check:
             def too_large(error: torch.Tensor) -> torch.Tensor:
                 rel = 2.0 * error if neff else _accuracy.relative_error(
@@ -955,11 +962,8 @@ class EmpiricalField:
         # The kept keys, and the largest logit left out: the floor of the next call's floor screen,
         # Gamma_i = (2 sigma_t^2 / t^2)(l_b - l_i) >= (2 sigma_t^2 / t^2)(l~_b - l~_next - 2 s).
         value, top = torch.topk(logits, min(k + 1, self.n), dim=1)
-        left = value.gather(1, count.clamp(max=value.shape[1] - 1)[:, None]).squeeze(1)
-        left = left.where(count < self.n, -torch.inf)
-        t_r = tt[rows]
-        floor = (2.0 * self._sigma(t_r).square() / t_r.square()) * (value[:, 0] - left - 2.0 * slack)
-        return rows, inner, error, top[:, :k], count, floor * (1.0 - 8.0 * tiny)
+        floor = _accuracy.candidate_floor(value, count, slack, tt[rows], self._sigma(tt[rows]), self.n)
+        return rows, inner, error, top[:, :k], count, floor
 
     def _floor_screen(self, xw: torch.Tensor, tt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         r"""Rows of this batch whose previous candidates still provably hold all their weight,
@@ -1066,6 +1070,12 @@ class EmpiricalField:
                 mean = acc.mean
             for e in rest_exact:
                 e.rows = rest[e.rows]
+                if e.floor is not None:
+                    # Rows the pass found collapsed hand on a floor like the screened ones, so the
+                    # next call's floor screen can answer them without a product.
+                    floor[e.rows], ref[e.rows] = e.floor, e.index[:, 0]
+                    if bool((e.floor > 0).all()):
+                        e = self._shrink(e, xw, tt, e.floor)
                 exact.append(e)
         self._trail = self._next_trail(xf, xw, tt, exact, hit, rest, record, floor, ref, done)
         return mean, exact

@@ -121,6 +121,59 @@ def test_tail_cut_leaves_out_less_than_eps_e2_under_adversarial_rounding():
     assert torch.equal(_accuracy.tail_cut(transposed, s, eps), _accuracy.tail_cut(logits, s, eps))
 
 
+def test_kept_keys_cuts_the_tail_of_middle_rows_alike_in_both_layouts():
+    """Rows whose margin keeps more than ``low`` and at most ``high`` keys get the tail cut (never
+    more keys, as safe), the others the margin; a transposed block (the engine's layout) gives the
+    same mask and counts as a row-major copy."""
+    g = torch.Generator().manual_seed(4)
+    eps = torch.finfo(torch.float32).eps
+    n = 3001
+    logits = torch.stack([10.0 * torch.randn(n, generator=g),        # margin keeps hundreds
+                          torch.linspace(0.0, -60.0, n),             # a steady fall: about 1,100
+                          torch.zeros(n),                            # all tied: n, above high
+                          torch.cat([torch.zeros(1), torch.full((n - 1,), -200.0)])]).float()  # one
+    s = torch.full((4,), 1e-4, dtype=F64)
+    margin = _margin_count(logits, s, n, eps)
+    low, high = 8, 2000
+    middle = (margin > low) & (margin <= high)
+    assert middle.tolist() == [True, True, False, False]
+    for block in (logits, logits.T.contiguous().T):
+        keep, count = _accuracy.kept_keys(block, s, n, eps, low, high)
+        assert torch.equal(count.long(), keep.sum(dim=1))
+        cut = _accuracy.tail_cut(logits[middle], s[middle], eps)
+        assert torch.equal(keep[middle], cut)
+        assert bool((count[middle] < margin[middle]).all())            # the cut kept fewer keys
+        assert torch.equal(count[~middle].long(), margin[~middle])     # the others: the margin
+        assert bool((_worst_excluded(logits, keep, s) < eps * math.exp(-2)).all())
+
+
+def test_candidate_floor_bounds_gamma_off_the_candidates_under_adversarial_rounding():
+    """Re-derived from the definition: Gamma_i(y) = ||y - x^(i)||^2 - ||y - x^(b)||^2 in float64 for
+    every key off the candidates, against the floor from logits perturbed by up to s either way."""
+    g = torch.Generator().manual_seed(6)
+    X = torch.rand(400, 8, generator=g, dtype=F64) * 2 - 1
+    t = torch.tensor([0.6, 0.9, 0.97], dtype=F64)
+    s2 = (1 - t) ** 2
+    x = t[:, None] * X[:3] + (1 - t)[:, None] * 0.3 * torch.randn(3, 8, generator=g, dtype=F64)
+    exact = -(x[:, None, :] - t[:, None, None] * X[None]).square().sum(-1) / (2 * s2[:, None])
+    slack = torch.tensor([1e-3, 0.5, 2.0], dtype=F64)
+    noisy = exact + slack[:, None] * (2 * torch.rand(exact.shape, generator=g, dtype=F64) - 1)
+    top, index = torch.topk(noisy, 6, dim=1)
+    count = torch.tensor([1, 3, 5])
+    floor = _accuracy.candidate_floor(top, count, slack, t, 1 - t, 400)
+    y = x / t[:, None]
+    for r in range(3):
+        C = index[r, :count[r]]
+        gamma = (y[r] - X).square().sum(1) - (y[r] - X[C[0]]).square().sum()
+        off = torch.ones(400, dtype=torch.bool)
+        off[C] = False
+        assert float(floor[r]) <= float(gamma[off].min())
+    assert float(floor.max()) > 0                                  # not vacuous on these rows
+    # Every key a candidate: nothing is off them; the largest left out not in top: unknown.
+    whole = _accuracy.candidate_floor(top, torch.tensor([400, 6, 2]), slack, t, 1 - t, 400)
+    assert whole[0] == torch.inf and whole[1] == -torch.inf and torch.isfinite(whole[2])
+
+
 def test_top_corrected_mean_is_the_softmax_with_the_exact_top_logits():
     """Re-derived directly: the softmax over all keys with the K largest logits replaced by
     their exact values, against the formula that patches the streamed sums."""

@@ -131,6 +131,8 @@ def test_queries_off_the_span_take_the_full_pass():
 def test_a_shrunken_margin_is_caught(monkeypatch):
     # Keep only the keys within 1e-3 of the best: near ties lose a point, and the comparison
     # with float64 must see it (the screen's guarantee rests on the margin).
+    # The Gram-column screen alone: the floor screen would answer these rows first.
+    monkeypatch.setattr(EmpiricalField, "_floor_screen", lambda self, xw, tt: None)
     X, x0 = tied_pairs(0.05, 8)
     t0, t1 = torch.full((6,), 0.5, dtype=torch.float64), torch.full((6,), 0.95, dtype=torch.float64)
     honest, screened = euler(*fields(X, torch.float64), x0.clone(), t0, t1, 20)
@@ -199,10 +201,6 @@ def test_collapsed_rows_are_answered_without_a_pass(dtype, monkeypatch):
     worst, _ = euler(field, ref, x, t0, t1, 30)
     assert worst <= TOL[dtype] and floor_rows(field) == B
     x = field._trail.x.to(dtype)
-
-    def no_pass(*args, **kwargs):
-        raise AssertionError("a pass over the support ran")
-
     monkeypatch.setattr(field, "_solve", no_pass)  # this field's own: the reference still runs
     monkeypatch.setattr(field, "_screen", no_pass)
     worst, _ = euler(field, ref, x, torch.full((B,), 0.9, dtype=torch.float64),
@@ -236,6 +234,51 @@ def test_a_floor_that_ignores_the_residual_is_caught(monkeypatch):
         err = float(((u - want).norm(dim=1) / want.norm(dim=1)).max())
         if broken:
             assert floor_rows(field) == B and err > 1e-3
+        else:
+            assert floor_rows(field) == 0 and err <= 1e-9
+
+
+def no_pass(*args, **kwargs):
+    raise AssertionError("a pass over the support ran")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rows_the_full_pass_finds_collapsed_start_the_floor_screen(dtype, monkeypatch):
+    # One call, no trail: the full pass answers the collapsed rows from their candidates and hands
+    # on a floor from its own logits, so the next Euler step needs no product, not even the
+    # Gram-column screen's.
+    X = cloud(900, 16, 23)
+    B = 6
+    field, ref = fields(X, dtype)
+    x = start(X, B, 0.9, seed=24).to(dtype)
+    u = field.velocity(x, 0.9)
+    assert field.screened_rows == 0 and bool((field._trail.floor > 0).all())
+    assert torch.equal(field._trail.ref, field._trail.index[:, 0])
+    monkeypatch.setattr(field, "_solve", no_pass)
+    monkeypatch.setattr(field, "_screen", no_pass)
+    x = x + 0.005 * u
+    worst, _ = euler(field, ref, x, torch.full((B,), 0.905, dtype=torch.float64),
+                     torch.full((B,), 0.95, dtype=torch.float64), 5)
+    assert worst <= TOL[dtype] and floor_rows(field) == B
+
+
+def test_a_floor_the_full_pass_overstates_is_caught(monkeypatch):
+    # After one full pass, move each query next to another support point: the honest floor cannot
+    # cover the move and the row is redone; a floor a million times too large keeps the old
+    # candidate, and the answer is wrong.
+    X = cloud(900, 16, 23)
+    B = 6
+    real = _accuracy.candidate_floor
+    for broken in (False, True):
+        if broken:
+            monkeypatch.setattr(_accuracy, "candidate_floor", lambda *a: 1e6 * real(*a).abs())
+        field, ref = fields(X, torch.float64)
+        field.velocity(start(X, B, 0.9, seed=24), 0.9)
+        moved = 0.91 * X[torch.arange(B) * 7 + 3]
+        u, want = field.velocity(moved, 0.91), ref.velocity(moved, 0.91)
+        err = float(((u - want).norm(dim=1) / want.norm(dim=1)).max())
+        if broken:
+            assert floor_rows(field) > 0 and err > 1e-3
         else:
             assert floor_rows(field) == 0 and err <= 1e-9
 
