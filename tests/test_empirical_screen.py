@@ -283,6 +283,34 @@ def test_a_floor_the_full_pass_overstates_is_caught(monkeypatch):
             assert floor_rows(field) == 0 and err <= 1e-9
 
 
+def test_the_gram_screen_is_tried_only_where_it_can_spare_the_pass_work(monkeypatch):
+    # 20 collapsed rows beside 20 spread ones, the floor screen off: the spread rows take the full
+    # pass anyway, and fewer than 32 carried rows could leave it, so the Gram-column screen is not
+    # tried; with every row carried it is. Both calls stay exact.
+    monkeypatch.setattr(EmpiricalField, "_floor_screen", lambda self, xw, tt: None)
+    calls = []
+    real = EmpiricalField._screen
+    monkeypatch.setattr(EmpiricalField, "_screen", lambda self, *a: calls.append(1) or real(self, *a))
+    X = cloud(1200, 16, 25)
+    field, ref = fields(X, torch.float64)
+    t = torch.cat([torch.full((20,), 0.9), torch.full((20,), 0.05)]).double()
+    x = start(X, 40, 0.9, seed=26)
+    x[20:] = start(X, 20, 0.05, seed=27)
+    for k in range(2):
+        u, want = field.velocity(x, t + 0.002 * k), ref.velocity(x, t + 0.002 * k)
+        assert float(((u - want).norm(dim=1) / want.norm(dim=1)).max()) <= 1e-9
+        x = x + 0.002 * u
+    assert int(field._trail.carried.sum()) == 20 and calls == []
+    t = torch.full((40,), 0.9, dtype=torch.float64)
+    x = start(X, 40, 0.9, seed=28)
+    u = field.velocity(x, t)                              # every row collapsed: all carried
+    assert bool(field._trail.carried.all())
+    y = x + 0.002 * u
+    want = ref.velocity(y, t + 0.002)
+    assert float(((field.velocity(y, t + 0.002) - want).norm(dim=1) / want.norm(dim=1)).max()) <= 1e-9
+    assert calls and field.screened_rows > 0
+
+
 def test_candidates_are_dropped_only_below_the_floor(monkeypatch):
     # Near ties stay split to t = 1: the second point of each pair must stay a candidate. Dropping
     # every candidate but the first is caught; the honest rule keeps the pair and is exact.
