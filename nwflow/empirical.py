@@ -906,6 +906,10 @@ class EmpiricalField:
         if direct:
             keep_w = w > 0
         left_out = (w * ~keep_w).sum(dim=1)
+        if not direct:
+            # and the candidates _shrink dropped from the trail: m' still holds them, the columns
+            # summed do not (the weights kept sum to 1 less that mass; refine normalises them to 1)
+            left_out += (1.0 - w.sum(dim=1)).clamp_(min=0.0)
         e_mean = raw2 * (left_out + (ERROR_FACTOR + 1.0) * self._eps + (w.shape[1] + 4) * tiny)
         error = (g0 * tr.error[rows] + g1 * e_mean + rho * raw
                  + 4.0 * tiny * raw * (g0 * x_prev.norm(dim=1) + g1 * m_prev.norm(dim=1)))
