@@ -214,6 +214,32 @@ def test_a_trajectory_skips_the_screen_for_rows_its_last_step_found_spread(monke
         x = x + 0.01 * u
 
 
+def test_a_call_without_a_trail_probes_the_screen_first(monkeypatch):
+    """With no previous call the screen is tried on _PROBE_ROWS rows nearest t = 1 first: where it
+    answers none of them the others are not tried (a speed rule), where it answers some the rest
+    are tried too; results within the fp32 tolerance of float64 either way."""
+    from nwflow import empirical
+    X = cloud(2000, 16, 32)
+    B, P = 24, empirical._PROBE_ROWS
+    tried = []
+    screen = empirical.EmpiricalField._reduced_screen
+    monkeypatch.setattr(empirical.EmpiricalField, "_reduced_screen",
+                        lambda self, xf, tt: tried.append(tt.tolist()) or screen(self, xf, tt))
+    field = EmpiricalField(X.float(), reduced_precision=torch.bfloat16, screen=False)
+    ref = EmpiricalField(X, reduced_precision=False, screen=False)
+    for t, answered in ((torch.full((B,), 0.05), False), (torch.linspace(0.9, 0.99, B), True)):
+        tried.clear()
+        x = queries(X, t.double(), 8).float()
+        u = field.velocity(x, t)
+        want = ref.velocity(x.double(), t.double())
+        assert float(((u.double() - want).norm(dim=1) / want.norm(dim=1)).max()) <= 1e-5
+        assert len(tried[0]) == P and min(tried[0]) >= float(t.sort().values[-P])  # nearest t = 1
+        if answered:
+            assert field.reduced_rows > 0 and sum(map(len, tried)) == B
+        else:
+            assert field.reduced_rows == 0 and len(tried) == 1
+
+
 def test_a_fixed_small_chunk_turns_the_screen_off():
     X = cloud(500, 8, 40)
     t = torch.full((4,), 0.9, dtype=torch.float64)
