@@ -268,7 +268,10 @@ class EmpiricalField:
     :func:`nwflow._reduced.logit_error`; a row whose kept keys at that slack are at most
     ``SCREEN_MAX`` is answered from them in float64, the others take the full pass. It runs on
     groups of rows whose (r, n) logits fit ``chunk_bytes``, and not when ``chunk_size`` is set
-    below n. Its logits and their bound start the next call's carry like the full pass's.
+    below n. Its logits and their bound start the next call's carry like the full pass's. Along
+    a trajectory it is not tried on rows the previous call found spread; a call with no previous
+    call to go by tries it on the ``_PROBE_ROWS`` rows nearest t = 1 first and, where it answers
+    none of them, not on the others (speed rules only).
     """
 
     # The whole support lives in this process (a sharded field's spans ranks): what the carried
