@@ -2,9 +2,10 @@
 
 import math
 
+import pytest
 import torch
 
-from nwflow import _accuracy
+from nwflow import _accuracy, empirical
 from nwflow.empirical import EmpiricalField
 
 F64 = torch.float64
@@ -23,12 +24,18 @@ def _fp32_and_exact_logits(X64, x64, t):
     return fp32, exact, bound
 
 
-def test_the_a_priori_bound_holds_on_fp32_logits_from_t_0_to_0_999():
+@pytest.mark.parametrize("n, B", [(500, 32), (2500, 5), (2500, 21)])
+def test_the_a_priori_bound_holds_on_fp32_logits_from_t_0_to_0_999(n, B):
+    # n = 2,500: the CPU product takes the keys in three blocks of _PRODUCT_KEYS, the last one
+    # partial; B = 5 and 21: rows padded to 16 and 24 (a block left unwritten or a padding row
+    # left in would miss the float64 logits by far more than the bound).
+    assert n < empirical._PRODUCT_KEYS or 2 * empirical._PRODUCT_KEYS < n < 3 * empirical._PRODUCT_KEYS
     g = torch.Generator().manual_seed(0)
-    X64 = 3.0 * torch.randn(500, 16, generator=g, dtype=F64) + 20.0  # away from the origin
-    x64 = 3.0 * torch.randn(32, 16, generator=g, dtype=F64) + 20.0
+    X64 = 3.0 * torch.randn(n, 16, generator=g, dtype=F64) + 20.0  # away from the origin
+    x64 = 3.0 * torch.randn(B, 16, generator=g, dtype=F64) + 20.0
     for t in (0.1, 0.5, 0.9, 0.99, 0.999):
         fp32, exact, bound = _fp32_and_exact_logits(X64, t * x64, t)
+        assert fp32.shape == (B, n)
         err = (fp32 - exact).abs().amax(dim=1)
         assert bool((err <= bound).all()), (t, float((err / bound).max()))
         # ... and it is not vacuous: within a few hundred times the error actually made.
