@@ -231,12 +231,14 @@ def screen_margin(slack: torch.Tensor, n: int, eps: float) -> torch.Tensor:
     return 2.0 * slack + math.log(n) + math.log(1.0 / eps) + 2.0
 
 
-def tail_cut(logits: torch.Tensor, slack: torch.Tensor, eps: float) -> torch.Tensor:
-    r"""Which keys each row must keep so that the others provably weigh less than eps e^-2, (r, n).
+def tail_cut(logits: torch.Tensor, slack: torch.Tensor, eps: float, room: torch.Tensor | None = None
+             ) -> torch.Tensor:
+    r"""Which keys each row must keep so that the others provably weigh less than eps e^-2, (r, n),
+    or with ``room``, so that leaving them out moves the row's output by at most eps of its size.
 
     .. math:: |\tilde l_j - l_j| \le s, \quad
-        4 e^{2s} \sum_{k \notin K} e^{\tilde l_k} \le \epsilon e^{-2} \sum_j e^{\tilde l_j}
-        \;\Rightarrow\; \sum_{k \notin K} w_k < \epsilon e^{-2}
+        4 e^{2s} \sum_{k \notin K} e^{\tilde l_k} \le \alpha \sum_j e^{\tilde l_j}
+        \;\Rightarrow\; W = \sum_{k \notin K} w_k < \alpha, \qquad \alpha = \epsilon e^{-2}
 
     The a-posteriori form of :func:`screen_margin`, which assumes that all n keys sit at the
     cut: here the weight actually below each candidate cut is summed, so a row whose logits fall
@@ -247,8 +249,19 @@ def tail_cut(logits: torch.Tensor, slack: torch.Tensor, eps: float) -> torch.Ten
     is the keys above the first bin from which the weight down to the end fits the allowance
     (every key when none fits). The factor 4 covers the float32 rounding of the weights and of
     their sums (each within a factor 2 while n eps < 1/2; larger supports are summed in float64).
-    Shapes: ``logits`` (r, n),
-    ``slack`` s (r,). Part III, performance.
+
+    ``room`` (r,) is, for a mean output y = (a m - b x) / c (a > 0), h = ||a x^(b) - b x|| / (2 a R)
+    with b the row's largest computed logit and R = max_j ||x^(j) - c|| (:meth:`EmpiricalField._room`).
+    Leaving out K's complement moves the mean by m - m_K = sum_{k not in K} w_k (x^(k) - m_K), at
+    most 2 R W, and the output by 2 a R W / c; and ||a m - b x|| >= 2 a R (h - (1 - w_b)), since
+    ||m - x^(b)|| <= 2 R (1 - w_b), with 1 - w_b <= e^{2s} rho, rho = sum_{j != b} e^{l~_j - l~_b}
+    (the binned sum less the maximum's 1, plus its float32 rounding). So
+
+    .. math:: \alpha = \max\big(\epsilon e^{-2},\ \epsilon\, (h - e^{2s} \rho)\big)
+        \;\Rightarrow\; \|\Delta y\| \le \epsilon \|y\|,
+
+    the size of the output's own float32 rounding (capped at 1/2: the largest key is always kept).
+    Shapes: ``logits`` (r, n), ``slack`` s (r,), ``room`` (r,) float64. Part III, performance.
     """
     r, n = logits.shape
     # The last bin starts far enough down that its keys, counted at its upper edge, leave 15/16
@@ -268,19 +281,28 @@ def tail_cut(logits: torch.Tensor, slack: torch.Tensor, eps: float) -> torch.Ten
     mass = weights.new_zeros(shape).scatter_add_(keys, bins, weights).to(WIDE)
     mass = mass.T if keys == 0 else mass                # (r, last + 1)
     below = mass.flip(1).cumsum(1).flip(1)          # the weight in bins >= b
-    allowed = eps * math.exp(-2.0) * mass[:, :last].sum(dim=1) / (4.0 * torch.exp(2.0 * slack.to(WIDE)))
+    grow = torch.exp(2.0 * slack.to(WIDE))
+    alpha = torch.full((r,), eps * math.exp(-2.0), dtype=WIDE, device=logits.device)
+    if room is not None:
+        # rho from the binned total: each weight within (last + 2) eps of its value, each bin's sum
+        # within n eps of its own (twice that, for slack).
+        total, tiny = below[:, 0], torch.finfo(weights.dtype).eps
+        rho = (total - 1.0 + 2.0 * (n + last + 2) * tiny * total).clamp_min(0.0)
+        alpha = torch.maximum(alpha, eps * (room.to(WIDE) - grow * rho)).clamp_max(0.5)
+    allowed = alpha * mass[:, :last].sum(dim=1) / (4.0 * grow)
     fits = below <= allowed[:, None]
     cut = torch.where(fits.any(dim=1), fits.to(torch.int8).argmax(dim=1), last + 1)
     return (bins < cut[None, :]).T if keys == 0 else bins < cut[:, None]
 
 
-def kept_keys(logits: torch.Tensor, slack: torch.Tensor, n: int, eps: float, low: int, high: int
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+def kept_keys(logits: torch.Tensor, slack: torch.Tensor, n: int, eps: float, low: int, high: int,
+              room: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys each row keeps (r, n) and how many (r,): those within :func:`screen_margin` of its
     maximum, or for a row with more than ``low`` and at most ``high`` of them, those of its
     :func:`tail_cut` (never more, and as safe: two passes over a row for the margin, about ten
     for the cut, spent only where fewer keys would change what the row costs). ``logits`` (r,
-    n), each within ``slack`` (r,) of the exact one. Part III, performance."""
+    n), each within ``slack`` (r,) of the exact one; ``room`` (r,): the cut's allowance for a mean
+    output (:func:`tail_cut`). Part III, performance."""
     # Along whichever axis is contiguous, as in tail_cut (the mask comes back in the same layout).
     keys = 0 if not logits.is_contiguous() and logits.T.is_contiguous() else 1
     lay = logits.T if keys == 0 else logits
@@ -294,7 +316,7 @@ def kept_keys(logits: torch.Tensor, slack: torch.Tensor, n: int, eps: float, low
     keep = keep.T if keys == 0 else keep
     rows = ((count > low) & (count <= high)).nonzero().squeeze(1)
     if rows.numel():
-        cut = tail_cut(take_rows(logits, rows), slack[rows], eps)
+        cut = tail_cut(take_rows(logits, rows), slack[rows], eps, None if room is None else room[rows])
         if keys == 0:
             keep.T[:, rows] = cut.T             # columns of the (n, r) mask: one read, not strided rows
         else:

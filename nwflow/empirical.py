@@ -591,7 +591,8 @@ class EmpiricalField:
                             torch.full((batch,), float(self.n), dtype=WIDE, device=self.device))]
 
     def _covered_first(self, q: torch.Tensor, a: torch.Tensor, error: torch.Tensor, neff: bool,
-                       spread: bool, record: _Record | None
+                       spread: bool, record: _Record | None,
+                       output: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
                        ) -> tuple[Accumulated, torch.Tensor, torch.Tensor, tuple | None, torch.Tensor]:
         """The pass of :meth:`_solve` when the (B, n) logits fit in one block: the covered rows
         are found from the logits first, and only the others are summed against the support.
@@ -602,9 +603,11 @@ class EmpiricalField:
         Every row's keys are those :func:`nwflow._accuracy.kept_keys` proves it needs (the
         covering margin, or for the mean the a-posteriori tail cut where it could make a row
         cheaper; what is left out weighs less than eps e^-2 of the row, below the fp32 rounding of
-        the rest): a row that keeps at most ``SCREEN_MAX`` is covered; for the mean, a row that
-        keeps at most ``_PAIR_FRACTION`` of the support is summed over its own keys, all such rows
-        in one sparse product (:func:`nwflow._stream.kept_softmax`), and the rest share one
+        the rest, or with ``output`` = (x, a, b) of a mean output y = (a m - b x) / c, moves y by at
+        most eps ||y||, :meth:`_room`): a row that keeps at most ``SCREEN_MAX`` is covered; for the
+        mean, a row that keeps at most ``_PAIR_FRACTION`` of the support is summed over its own
+        keys, all such rows in one sparse product (:func:`nwflow._stream.kept_softmax`), and the
+        rest share one
         product over the keys any of them keeps, gathered in blocks when those are at most
         ``_SPARSE_FRACTION`` of the support. (The sparse product of 64 rows keeping 1% / 3% of
         n = 20,000 points of D = 3,072 took 11-14 / 42-52 ms on two threads, against 180-200 ms
@@ -631,8 +634,9 @@ class EmpiricalField:
         # rows the margin gives more than 4x the light limit are left alone (at n = 50,000,
         # t = 0.1 a reach of 4x makes 15 of 64 rows light for 39 ms, 8x the same for 42 ms).
         light = int(self.n * _PAIR_FRACTION)
+        room = None if output is None else self._room(logits, *output)
         keep, count = _accuracy.kept_keys(logits, error, self.n, self._eps, self.n if neff else K,
-                                          max(_TAIL_CUT_REACH * K, 4 * light))
+                                          max(_TAIL_CUT_REACH * K, 4 * light), room)
         covered = (count <= K) & _accuracy.tracks_candidates(error, self._eps)
         if record is not None:
             record.kept = count.to(torch.long)
@@ -678,6 +682,19 @@ class EmpiricalField:
                 blocks = [Block(part, self.support, scalars=self.key_norms if spread else None)]
             self._store(acc, open_, online_softmax(blocks))
         return acc, covered, count.where(covered, K), few, logits
+
+    def _room(self, logits: torch.Tensor, xf: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """h = ||a x^(b) - b x|| / (2 a R) (B,) float64, with x^(b) the key of each row's largest
+        logit and R = max_j ||x^(j) - c||: the tail cut's allowance for the output y = (a m - b x) / c
+        (:func:`nwflow._accuracy.tail_cut`); 0 (the cut for the weights alone) where a = 0 or R = 0."""
+        lay = logits.T if not logits.is_contiguous() and logits.T.is_contiguous() else None
+        top = lay.argmax(dim=0) if lay is not None else logits.argmax(dim=1)
+        aw, bw, R = a.to(WIDE), b.to(WIDE), math.sqrt(self._centred_max2)
+        y = torch.linalg.vector_norm(aw[:, None] * self.support[top].to(WIDE) - bw[:, None] * xf.to(WIDE),
+                                     dim=1)
+        if R == 0.0:
+            return torch.zeros_like(y)
+        return torch.where(aw > 0, y / (2.0 * R * aw.clamp_min(torch.finfo(WIDE).tiny)), 0.0)
 
     @staticmethod
     def _store(acc: Accumulated, rows: torch.Tensor, part: Accumulated) -> None:
@@ -816,7 +833,7 @@ class EmpiricalField:
         exact, covered, few, block = [], torch.zeros_like(error, dtype=torch.bool), None, None
         if track and self._local and q.shape[0] and self._chunk(q.shape[0]) >= self.n:
             acc, covered, inside, few, block = self._covered_first(q, a_q, error, neff, check and not neff,
-                                                                   record)
+                                                                   record, None if neff else (xf, a, b))
         else:
             blocks = self._blocks(q, a_q, values=not neff, spread=check and not neff, record=record)
             acc = self._combine(online_softmax(blocks, squares=neff,

@@ -256,3 +256,55 @@ def test_carried_floor_bounds_the_gap_after_a_step_towards_the_candidate():
     assert bool((_accuracy.carried_floor(before, mu, zero, reach, zero) > after).any())
     inf = torch.full((64,), torch.inf, dtype=torch.float64)    # every key a candidate: stays so
     assert bool(torch.isinf(_accuracy.carried_floor(inf, mu, r.norm(dim=1), reach, zero)).all())
+
+
+def _cut_error(logits, X, x, b_coef, slack, keep, eps):
+    """Re-derived in float64: with every logit off by up to ``slack`` the way that makes the dropped
+    keys heaviest, how far leaving them out moves y = m - b x, against eps ||y||."""
+    lw = logits.double()
+    true = torch.where(keep, lw - slack[:, None], lw + slack[:, None])
+    w = torch.softmax(true, dim=1)
+    m = w @ X
+    wk = w * keep
+    m_kept = (wk / wk.sum(dim=1, keepdim=True)) @ X
+    y = m - b_coef * x
+    return (m - m_kept).norm(dim=1), eps * y.norm(dim=1)
+
+
+def test_tail_cut_with_room_moves_the_output_by_at_most_eps_of_its_size():
+    """The mean output's allowance (tail_cut's ``room``), re-derived from the weights in float64:
+    the dropped keys on the far side of the ball from the largest one, where the bound is nearly
+    tight; and a row whose second cluster carries 40% of the weight, so that y is smaller than
+    x^(b) - x suggests (the e^{2s} rho term keeps that row at the weight-only cut)."""
+    g = torch.Generator().manual_seed(12)
+    eps = torch.finfo(torch.float32).eps
+    n, D = 5003, 3
+    e1, e2 = torch.eye(D, dtype=F64)[0], torch.eye(D, dtype=F64)[1]
+    X = e1.repeat(n, 1)                 # every key at +e1 (R = 1 about c = 0) but the largest
+    X[0] = -e1
+    far = torch.cat([torch.zeros(1, dtype=F64), -15.0 - 30.0 * torch.rand(n - 1, generator=g, dtype=F64)])
+    near = far.clone()
+    near[1:2001] = math.log(0.4 / 0.6 / 2000)  # 2,000 keys at +e1 with 40% of the weight
+    logits = torch.stack([far, far, near]).float()
+    m_true = torch.softmax(logits.double(), dim=1) @ X
+    # y = m - x: about 1 and 2 for the first rows (room 0.5 and 1), 0.3 for the third (room 0.43).
+    x = torch.stack([X[0] + e2, X[0] + 2.0 * e2, m_true[2] + 0.3 * e2])
+    room = (X[0] - x).norm(dim=1) / 2.0             # a = b = 1, x^(b) = X[0], R = 1
+    for slack in (0.0, 1e-4, 0.5):
+        s = torch.full((3,), slack, dtype=F64)
+        keep = _accuracy.tail_cut(logits, s, eps, room)
+        moved, allowed = _cut_error(logits, X, x, 1.0, s, keep, eps)
+        assert bool((moved <= allowed).all()), (slack, (moved / allowed).tolist())
+        strict = _accuracy.tail_cut(logits, s, eps)
+        assert bool((keep.sum(dim=1) <= strict.sum(dim=1)).all())       # never more keys
+        if slack == 1e-4:
+            # Not vacuous: the first rows keep fewer keys than the weight-only cut and come within
+            # a factor 10 of the allowance, so an allowance 10 times larger would break them.
+            assert bool((keep[:2].sum(dim=1) < strict[:2].sum(dim=1)).all())
+            assert bool((moved[:2] > allowed[:2] / 10).all()), (moved / allowed).tolist()
+            # The third row: room alone would allow eps * 0.43 of the weight, which at +e1 (1.2
+            # from m) would move y by 0.52 eps, more than eps ||y|| = 0.3 eps; rho (0.67 there)
+            # takes the allowance below the weight-only one, so the row keeps that cut.
+            assert torch.equal(keep[2], strict[2])
+            naive = _accuracy.tail_cut(logits[2:], s[2:], eps * float(room[2]) * math.exp(2.0))
+            assert int(naive.sum()) < int(strict[2].sum())

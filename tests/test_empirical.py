@@ -414,6 +414,48 @@ def test_rows_failing_the_test_are_rescued_by_their_exact_top_terms(monkeypatch)
     assert tried and sum(redone) < tried[0]  # some rows tried were accepted, not redone
 
 
+def test_the_mean_cut_keeps_fewer_keys_and_answers_to_eps_of_the_output(monkeypatch):
+    """Gaussian points in 3,072 dimensions queried on the path at t = 0.1-0.13 (float32): with
+    the output's allowance (tail_cut's room) the
+    rows answered from their candidates keep fewer keys than with the weights' cut alone, and
+    are as close to float64: within 2 eps of ||u|| (eps for the cut, eps / 2 for rounding u)."""
+    import nwflow.empirical as empirical
+
+    g = torch.Generator().manual_seed(13)
+    n, D = 3000, 3072
+    X = torch.randn(n, D, generator=g)
+    tt = torch.tensor([0.1, 0.11, 0.12, 0.13]).repeat_interleave(6)
+    x = tt[:, None] * X[torch.randint(0, n, (24,), generator=g)] + (1 - tt[:, None]) * torch.randn(
+        24, D, generator=g)
+    ref = reference(x, tt, X, 0.0)["u"]
+    eps = torch.finfo(torch.float32).eps
+    real = empirical.EmpiricalField._from_candidates
+    seen = {}
+
+    def spy(self, xf, t, rows, index, count=None):
+        e = real(self, xf, t, rows, index, count)
+        seen.setdefault("runs", []).append((rows.clone(), e.count.clone()))
+        return e
+
+    monkeypatch.setattr(empirical.EmpiricalField, "_from_candidates", spy)
+    results = {}
+    for mode in ("room", "weights"):
+        if mode == "weights":
+            monkeypatch.setattr(empirical.EmpiricalField, "_room",
+                                lambda self, logits, xf, a, b: torch.zeros(len(xf), dtype=torch.float64))
+        seen.clear()
+        u = EmpiricalField(X).velocity(x, tt)
+        rows, count = seen["runs"][0]
+        rel = (u[rows].double() - ref[rows]).norm(dim=1) / ref[rows].norm(dim=1)
+        results[mode] = dict(zip(rows.tolist(), count.tolist(), strict=True)), rel
+        assert float(rel.max()) <= 2 * eps, (mode, float(rel.max()) / eps)
+    room, weights = results["room"][0], results["weights"][0]
+    both = set(room) & set(weights)
+    assert set(weights) <= set(room) and len(both) >= 5
+    assert all(room[r] <= weights[r] for r in both)
+    assert sum(room[r] for r in both) < 0.8 * sum(weights[r] for r in both)
+
+
 def test_chunked_log_sum_exp_is_not_a_sum_of_chunk_lse():
     """The known bug (adding per-chunk log-sum-exps) gives wrong weights; the streamed
     result is the reference one."""

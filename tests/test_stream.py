@@ -3,7 +3,16 @@
 import pytest
 import torch
 
-from nwflow._stream import Block, kept_softmax, largest, online_softmax, softmax_mean, take_rows
+from nwflow import _stream
+from nwflow._stream import (
+    Block,
+    kept_softmax,
+    largest,
+    online_softmax,
+    softmax_mean,
+    take_rows,
+    value_product,
+)
 
 F64 = torch.float64
 
@@ -164,3 +173,29 @@ def test_take_rows_is_indexing_and_keeps_a_transposed_block_transposed():
         part = take_rows(block, rows)
         assert torch.equal(part, block[rows])
         assert part.T.is_contiguous() == (not block.is_contiguous())
+
+
+@pytest.mark.parametrize("rows, n", [(5, 10_000), (64, 9_000), (65, 10_000), (7, 8_192), (3, 100)])
+def test_value_product_is_the_matrix_product_in_either_layout(monkeypatch, rows, n):
+    """Split into batches of keys (few rows, many keys: n = 10,000 is two batches of 4,096 and a
+    remainder) or not, both layouts of the weights (the engine's is a transposed block): the
+    product of float64 references to float32 rounding, and differentiable in both factors."""
+    assert _stream._SPLIT_KEYS == 4096
+    g = torch.Generator().manual_seed(9)
+    p64 = torch.rand(rows, n, generator=g, dtype=torch.float64)
+    v64 = torch.randn(n, 12, generator=g, dtype=torch.float64)
+    ref = p64 @ v64
+    scale = p64 @ v64.abs()
+    for p in (p64.float(), p64.float().T.contiguous().T):
+        got = value_product(p, v64.float()).double()
+        assert got.shape == ref.shape
+        assert float(((got - ref).abs() / scale).max()) < 1e-5
+    split = []
+    real = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a: split.append(a[0].shape) or real(*a))
+    p = p64.float().requires_grad_()
+    v = v64.float().requires_grad_()
+    value_product(p, v).sum().backward()
+    assert torch.allclose(p.grad.double(), v64.sum(dim=1).expand(rows, n), rtol=1e-5, atol=1e-4)
+    assert torch.allclose(v.grad.double(), p64.sum(dim=0)[:, None].expand(n, 12), rtol=1e-5)
+    assert bool(split) == (rows <= 64 and n > 2 * 4096), split
