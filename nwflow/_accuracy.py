@@ -27,7 +27,8 @@ every constant they use here and nowhere else (the carried screen's too):
 
 Which keys a row keeps (Part III, chapter 9): those within :func:`screen_margin` of its largest
 logit, or, where the logits are at hand, the fewer that the a-posteriori :func:`tail_cut` needs
-(:func:`kept_keys`); either way the keys left out weigh less than eps e^-2 at any rounding.
+(:func:`kept_keys`); either way the keys left out weigh less than eps e^-2 at any rounding, or,
+where the engine's full pass cuts for a mean output, move that output by at most eps of its size.
 """
 
 from __future__ import annotations

@@ -28,7 +28,8 @@ How it is computed (what the tests check):
   Coefficients in float64, TF32 off (:mod:`nwflow._precision`).
 - Work skipped, exactly (Part III, chapter 9, section 4): when the logits fit in one block each
   row keeps only the keys the covering margin or its a-posteriori tail cut needs
-  (:func:`nwflow._accuracy.kept_keys`: the rest weigh less than eps e^-2), so collapsed rows
+  (:func:`nwflow._accuracy.kept_keys`: the rest weigh less than eps e^-2, or for a mean output
+  move it by at most eps of its size), so collapsed rows
   skip the second product and the others share one product over the keys any of them keeps
   when those are few; a batch at t = 0 takes
   no pass; along a trajectory the carried screen answers collapsed rows from the previous call
