@@ -124,7 +124,7 @@ def value_product(p: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     no less accurate. Any other shape: one product. Part III, chapter 9.
     """
     B, n = p.shape
-    if p.device.type != "cpu" or B > _SPLIT_ROWS or n <= 2 * _SPLIT_KEYS or p.dtype != values.dtype:
+    if p.device.type != "cpu" or B > _SPLIT_ROWS or n <= 2 * _SPLIT_KEYS:
         return p @ values
     k = n // _SPLIT_KEYS
     whole = k * _SPLIT_KEYS

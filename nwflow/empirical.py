@@ -688,8 +688,7 @@ class EmpiricalField:
         """h = ||a x^(b) - b x|| / (2 a R) (B,) float64, with x^(b) the key of each row's largest
         logit and R = max_j ||x^(j) - c||: the tail cut's allowance for the output y = (a m - b x) / c
         (:func:`nwflow._accuracy.tail_cut`); 0 (the cut for the weights alone) where a = 0 or R = 0."""
-        lay = logits.T if not logits.is_contiguous() and logits.T.is_contiguous() else None
-        top = lay.argmax(dim=0) if lay is not None else logits.argmax(dim=1)
+        top = largest(logits, 1)[1][:, 0]
         aw, bw, R = a.to(WIDE), b.to(WIDE), math.sqrt(self._centred_max2)
         y = torch.linalg.vector_norm(aw[:, None] * self.support[top].to(WIDE) - bw[:, None] * xf.to(WIDE),
                                      dim=1)
